@@ -1,0 +1,1 @@
+"""Triton kernels for quantized grouped-expert (MoE) and dense matmuls, each with a torch twin."""
