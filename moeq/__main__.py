@@ -1,0 +1,4 @@
+from moeq.cli import main
+import sys
+
+sys.exit(main())
