@@ -73,6 +73,8 @@ class Family:
     moe_layer: Callable[[object, int], bool] = lambda config, i: True
     extra_layers: str | None = None     # dim counting trailing layers past num_hidden_layers (MTP)
     extra_layer_tensors: tuple[TensorRule, ...] = ()
+    # on-disk -> in-memory renames under a decoder layer (transformers' own module names)
+    memory_renames: tuple[tuple[str, str], ...] = ()
     model_tensors: tuple[TensorRule, ...] = _MODEL_TENSORS
 
 
@@ -202,6 +204,7 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("mixtral",),
         dims={"n_experts": "num_local_experts", "expert_inter": "intermediate_size"},
         layer_tensors=_MIXTRAL_LAYER,
+        memory_renames=(("block_sparse_moe.", "mlp."),),
     ),
     Family(
         name="qwen2_moe",

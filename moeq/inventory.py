@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from moeq.errors import CheckpointError
 from moeq.families import Family, TensorRule, family_for, model_dims
 
 DTYPE_BITS = {"BF16": 16, "F16": 16, "F32": 32, "F64": 64, "F8_E4M3": 8, "F8_E5M2": 8,
               "I8": 8, "U8": 8, "I16": 16, "I32": 32, "I64": 64, "BOOL": 8}
 _TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 LAYER_PREFIX = "model.layers.{i}."
 
 
