@@ -60,27 +60,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, act_ord
     gs = fmt.group_width(K)
     dev = W.device
     H = H.to(device=dev, dtype=torch.float32)
-    if not torch.isfinite(H).all():
-        raise ValueError("H contains NaN or Inf")
+    bad = ~torch.isfinite(H.sum((1, 2)))  # a sum, not an elementwise mask: no [E, K, K] temporary
+    if bad.any():
+        raise ValueError(f"H of experts {bad.nonzero().flatten().tolist()} contains NaN or Inf")
     w_orig = W.float()
 
-    # --- Hessian preparation: permute, isolate dead columns, damp, factor -------------------------------
+    # --- Hessian preparation: order, dead columns, damping, factor -------------------------------------
     diag = H.diagonal(dim1=-2, dim2=-1)                                      # [E, K]
     dead = diag == 0
     live = (~dead).sum(-1)
     mean_diag = torch.where(live > 0, diag.sum(-1) / live.clamp_min(1), torch.ones_like(diag[:, 0]))
     if act_order:
         perm = torch.argsort(diag, dim=-1, descending=True, stable=True)      # [E, K]
-        Hp = H.gather(1, perm[:, :, None].expand(E, K, K)).gather(2, perm[:, None, :].expand(E, K, K))
     else:
         perm = torch.arange(K, device=dev).expand(E, K)
-        Hp = H.clone()
-    dead_p = dead.gather(1, perm)
-    # A dead column gets diag 1 and no off-diagonal coupling, so its error propagates nowhere.
-    Hp.masked_fill_(dead_p[:, :, None] | dead_p[:, None, :], 0.0)
-    Hp.diagonal(dim1=-2, dim2=-1).masked_fill_(dead_p, 1.0)
-    U, rel_damp = _inverse_hessian_factor(Hp, mean_diag, damp)
-    del Hp
+    U, rel_damp = _inverse_hessian_factor(H, perm if act_order else None, dead, mean_diag, damp)
 
     # --- scales for static groups (per channel, or act_order): fitted on the original weight -----------
     refit = gs < K and not act_order  # group-wise: fit each group on its error-updated columns
@@ -92,40 +86,42 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, act_ord
     col_group = perm // gs                                                     # [E, K] group of each solve column
 
     # --- the solve, in permuted order, lazy blocks aligned to whole groups ------------------------------
-    Wp = w_orig.gather(2, perm[:, None, :].expand(E, N, K))                   # [E, N, K] working copy
-    Q = torch.empty(E, N, K, dtype=torch.uint8, device=dev)
+    # Column-major working copy: row k of Wt is solve column k, so every per-column op and the rank-1
+    # updates touch contiguous memory.
+    Wt = w_orig.transpose(1, 2).gather(1, perm[:, :, None].expand(E, K, N))   # [E, K, N]
+    Qt = torch.empty(E, K, N, dtype=torch.uint8, device=dev)
     B = block_size if gs >= K else max(1, block_size // gs) * gs
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
-        W1 = Wp[:, :, i1:i2].clone()                                          # [E, N, b]
-        Q1 = torch.empty_like(W1)
+        W1 = Wt[:, i1:i2]                                                     # [E, b, N], updated in place
         Err1 = torch.empty_like(W1)
         U1 = U[:, i1:i2, i1:i2]                                               # [E, b, b]
         d1 = U1.diagonal(dim1=-2, dim2=-1)                                    # [E, b]
         if refit:
             S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)
         else:
-            idx = col_group[:, None, i1:i2].expand(E, N, i2 - i1)
-            S1, Z1 = scales.gather(2, idx), zeros.gather(2, idx)
+            idx = col_group[:, i1:i2, None].expand(E, i2 - i1, N)
+            S1, Z1 = scales.transpose(1, 2).gather(1, idx), zeros.transpose(1, 2).gather(1, idx)
         for i in range(i2 - i1):
             if refit and i % gs == 0:
-                s, z = fmt.fit_group(W1[:, :, i:i + gs])                      # [E, N]
+                s, z = fmt.fit_group(W1[:, i:i + gs].transpose(1, 2))         # [E, N]
                 g = (i1 + i) // gs
                 scales[:, :, g], zeros[:, :, g] = s, z
-                S1[:, :, i:i + gs], Z1[:, :, i:i + gs] = s[:, :, None], z[:, :, None]
-            w, s, z = W1[:, :, i], S1[:, :, i], Z1[:, :, i]
+                S1[:, i:i + gs], Z1[:, i:i + gs] = s[:, None, :], z[:, None, :]
+            w, s, z = W1[:, i], S1[:, i], Z1[:, i]                            # [E, N]
             q = fmt.encode(w, s, z)
-            err = (w - fmt.decode(q, s, z)) / d1[:, None, i]                  # [E, N]
-            W1[:, :, i:].addcmul_(err[:, :, None], U1[:, None, i, i:], value=-1.0)
-            Q1[:, :, i], Err1[:, :, i] = q, err
-        Q[:, :, i1:i2] = Q1.to(torch.uint8)
+            err = (w - fmt.decode(q, s, z)) / d1[:, i, None]
+            Qt[:, i1 + i] = q
+            Err1[:, i] = err
+            W1[:, i + 1:].addcmul_(U1[:, i, i + 1:, None], err[:, None, :], value=-1.0)
         if i2 < K:
-            Wp[:, :, i2:].baddbmm_(Err1, U[:, i1:i2, i2:], alpha=-1.0)
+            Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1.0)
 
     # --- back to original column order, and the loss with the undamped Hessian ---------------------------
     if act_order:
-        inv = torch.argsort(perm, dim=-1)
-        Q = Q.gather(2, inv[:, None, :].expand(E, N, K))
+        Qt = Qt.gather(1, torch.argsort(perm, dim=-1)[:, :, None].expand(E, K, N))
+    Q = Qt.transpose(1, 2).contiguous()                                      # [E, N, K]
+    del Qt, Wt
     scales16, zeros8 = scales.to(torch.float16), zeros.to(torch.uint8)
     delta = fmt.dequantize(Q, scales16, zeros8) - w_orig
     loss = _energy(delta, H)
@@ -143,22 +139,23 @@ def _energy(m: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return (torch.bmm(m, H) * m).sum((1, 2))
 
 
-def _inverse_hessian_factor(Hp: torch.Tensor, mean_diag: torch.Tensor, damp: float):
-    """(U [E, K, K] upper Cholesky factor of (Hp + lambda I)^-1, relative damping used [E]).
+def _inverse_hessian_factor(H, perm, dead, mean_diag, damp: float):
+    """(U [E, K, K] upper Cholesky factor of the inverse of the prepared Hessian, relative damping [E]).
 
-    lambda = rel * mean_diag per expert. Experts whose factorization fails (not numerically positive
-    definite: rank-deficient calibration, too few tokens) are retried alone with rel x 10.
-    Hp's diagonal is overwritten (it is the caller's scratch copy).
+    Prepared: columns in solve order `perm` (None: as is), dead columns isolated with diagonal 1, and
+    lambda = rel * mean_diag added to the diagonal. Experts whose factorization fails (not numerically
+    positive definite: rank-deficient calibration, too few tokens) are retried alone with rel x 10.
+    Peak memory is H plus three [E, K, K] copies (prepared H, then L and cholesky_inverse's workspace).
     """
-    E = Hp.shape[0]
-    base_diag = Hp.diagonal(dim1=-2, dim2=-1).clone()
-    rel = torch.full((E,), float(damp), dtype=torch.float32, device=Hp.device)
-    todo = torch.arange(E, device=Hp.device)
+    E = H.shape[0]
+    rel = torch.full((E,), float(damp), dtype=torch.float32, device=H.device)
+    todo = torch.arange(E, device=H.device)
     U = None
     for _ in range(_DAMP_TRIES):
-        sub = Hp if todo.numel() == E else Hp[todo]  # retries copy only the failed experts
-        sub.diagonal(dim1=-2, dim2=-1).copy_(base_diag[todo] + (rel[todo] * mean_diag[todo])[:, None])
-        L, info = torch.linalg.cholesky_ex(sub)
+        subset = None if U is None else todo  # first pass: all experts, no indexing copy
+        A = _prepared(H, perm, dead, rel * mean_diag, subset)
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         Hinv = torch.cholesky_inverse(L)
         del L
         factor, info_inv = torch.linalg.cholesky_ex(Hinv, upper=True)
@@ -174,3 +171,22 @@ def _inverse_hessian_factor(Hp: torch.Tensor, mean_diag: torch.Tensor, damp: flo
         rel[todo] = torch.where(rel[todo] > 0, rel[todo] * 10, torch.full_like(rel[todo], _DAMP_WHEN_ZERO))
     raise ValueError(f"the Hessians of experts {todo.tolist()} are not positive definite even with relative "
                      f"damping {rel[todo].tolist()}; they are not covariance matrices of real activations")
+
+
+def _prepared(H, perm, dead, lam, subset):
+    """H [E, K, K] (or its `subset` of experts) permuted by perm, dead columns isolated, lam [E] on the diagonal."""
+    if subset is not None:
+        H, dead, lam = H[subset], dead[subset], lam[subset]
+        perm = None if perm is None else perm[subset]
+    E, K, _ = H.shape
+    if perm is None:
+        A = H.clone()
+    else:
+        A = H.gather(1, perm[:, :, None].expand(E, K, K)).gather(2, perm[:, None, :].expand(E, K, K))
+        dead = dead.gather(1, perm)
+    # A dead column gets diagonal 1 and no coupling, so no rounding error propagates into or out of it.
+    if dead.any():
+        A.masked_fill_(dead[:, :, None], 0.0).masked_fill_(dead[:, None, :], 0.0)
+        A.diagonal(dim1=-2, dim2=-1).masked_fill_(dead, 1.0)
+    A.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    return A
