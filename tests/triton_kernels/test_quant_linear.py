@@ -1,0 +1,59 @@
+"""quant_linear against its fp32 torch twin; tolerances as in test_fused_moe (relative Frobenius
+error below 1e-2 for bfloat16, 2e-3 for float16)."""
+
+import pytest
+import torch
+from _quant import random_quantized, rel_error
+
+from triton_kernels.configs import GemmConfig
+from triton_kernels.packing import pack_experts, pack_linear
+from triton_kernels.quant_linear import quant_linear, quant_linear_torch
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize(
+    "lead,N,K,bits,group_size,sym,dtype,bias,config",
+    [
+        ((1,), 80, 96, 4, 32, True, torch.bfloat16, False, None),
+        ((2, 3), 64, 128, 8, 64, False, torch.float16, True, None),
+        ((5,), 48, 200, 4, 1 << 30, False, torch.bfloat16, True, None),  # per-channel, odd K
+        ((33,), 96, 256, 4, 128, False, torch.float16, False, GemmConfig(32, 32, 64)),
+        ((3,), 64, 256, 8, 32, True, torch.bfloat16, True, GemmConfig(16, 32, 32, split_k=4)),
+    ],
+)
+def test_matches_twin(lead, N, K, bits, group_size, sym, dtype, bias, config, device):
+    g = torch.Generator().manual_seed(N + K)
+    q, s, z = random_quantized(1, N, K, bits, group_size, sym, device, g)
+    w = pack_linear(q[0], s[0], z[0], bits, group_size)
+    x = torch.randn(*lead, K, generator=g).to(device, dtype)
+    b = torch.randn(N, generator=g).to(device, dtype) if bias else None
+    y = quant_linear(x, w, b, config=config)
+    ref = quant_linear_torch(x, w, b)
+    assert y.dtype == dtype and y.shape == (*lead, N)
+    assert rel_error(y, ref) < TOL[dtype]
+
+
+def test_rejects_bad_input(device):
+    q, s, z = random_quantized(2, 16, 64, 4, 32, True, device)
+    w = pack_linear(q[0], s[0], z[0], 4, 32)
+    x = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="x must be"):
+        quant_linear(x.float(), w)
+    with pytest.raises(ValueError, match="x has K"):
+        quant_linear(x[:, :32], w)
+    with pytest.raises(ValueError, match="one-expert"):
+        quant_linear(x, pack_experts(q, s, z, 4, 32))
+    with pytest.raises(ValueError, match="bias"):
+        quant_linear(x, w, torch.zeros(3, device=device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need a GPU")
+@pytest.mark.parametrize("M", [1, 16, 512])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (6144, 4096), (2048, 2048)])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (8, 1 << 30)])
+def test_real_sizes_gpu(M, N, K, bits, group_size):
+    q, s, z = random_quantized(1, N, K, bits, group_size, False, "cuda")
+    w = pack_linear(q[0], s[0], z[0], bits, group_size)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    assert rel_error(quant_linear(x, w), quant_linear_torch(x, w)) < 1e-2
