@@ -42,6 +42,30 @@ def cmd_plan(args) -> None:
         print(f"plan written to {args.json}")
 
 
+def cmd_quantize(args) -> None:
+    from moeq.plan import render_plan
+    from moeq.quantize import QuantizeConfig, quantize_model
+
+    plan = _plan_for(args.model, args.recipe, args.overrides, args.target, config_only=False)
+    print(render_plan(plan))
+    config = QuantizeConfig(
+        calib=Path(args.calib), out=Path(args.out), eval=Path(args.eval) if args.eval else None,
+        calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed, eval_windows=args.eval_windows,
+        batch_size=args.batch_size, device=args.device, text_field=args.text_field, resume=args.resume,
+        force=args.force,
+    )
+    report = quantize_model(plan, config)
+    print()
+    print(report.table())
+    if not args.no_generate:
+        from moeq.evaluate import greedy_generations, load_for_generation
+
+        model, tokenizer = load_for_generation(args.out, args.device)
+        for g in greedy_generations(model, tokenizer):
+            print(f"{'DEGENERATE ' if g.degenerate else ''}generate {g.prompt!r} -> {g.text!r}")
+    print(f"checkpoint: {args.out} (report: {Path(args.out) / 'moeq.json'})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeq", description="Quantize Mixture-of-Experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-only", action="store_true", help="plan from config.json alone (no weights needed)")
     p.add_argument("--json", help="also write the full per-tensor plan as JSON here")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("quantize", help="quantize a model layer by layer and write the checkpoint")
+    p.add_argument("model", help="model folder (config.json + safetensors + tokenizer)")
+    _add_recipe_args(p)
+    p.add_argument("--calib", required=True, help="calibration text: .txt, .jsonl (text field) or pre-tokenized .pt")
+    p.add_argument("--eval", help="evaluation text for perplexity before/after (never the calibration text)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    p.add_argument("--eval-windows", type=int, default=64, help="evaluation windows (default 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from OUT.partial")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-generate", action="store_true", help="skip the greedy generation check")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -1,0 +1,67 @@
+"""Quality checks: perplexity from final hidden states, and a greedy generation flagged when degenerate."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+PROMPTS = ("The kernel", "def main(", "In Python, a list")
+
+
+def perplexity(final_hidden: list[torch.Tensor], token_batches: list[torch.Tensor], norm, lm_head) -> float:
+    """exp(mean next-token NLL) over every window; final_hidden[i]: [B, L, H] before the final norm."""
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for hidden, ids in zip(final_hidden, token_batches):
+            logits = lm_head(norm(hidden)).float()                      # [B, L, V]
+            labels = ids.to(logits.device)[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            total_tokens += labels.numel()
+    return math.exp(total_nll / total_tokens)
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    text: str
+    token_ids: tuple[int, ...]
+    degenerate: bool
+
+
+def is_degenerate(token_ids: list[int]) -> bool:
+    """One token dominating (>= 60% of the new tokens), or the last 8 tokens all the same id."""
+    if not token_ids:
+        return True
+    top = Counter(token_ids).most_common(1)[0][1]
+    tail = token_ids[-8:]
+    return top / len(token_ids) >= 0.6 or (len(tail) == 8 and len(set(tail)) == 1)
+
+
+def greedy_generations(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24) -> list[Generation]:
+    out = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+            generated = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id or 0)
+            new = generated[0, ids.shape[1]:].tolist()
+            out.append(Generation(prompt, tokenizer.decode(new), tuple(new), is_degenerate(new)))
+    return out
+
+
+def load_for_generation(path, device: str = "auto"):
+    """The written checkpoint as a transformers model (dequantized weights) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moeq.quantize import resolve_device
+
+    device = resolve_device(device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,359 @@
+"""Sequential quantization: one decoder layer resident at a time, streamed from the safetensors shards.
+
+For each layer: load its tensors from disk, run the calibration activations through it with hooks
+stage by stage (true-sequential: attention q/k/v, then MLA's q_b/kv_b, then o; then routers, gate/up of
+routed experts, shared experts and dense MLPs; then down projections), solve each stage with GPTQ and
+write the dequantized weights back so the next stage sees the quantized outputs, then pass the
+quantized layer's outputs on as the next layer's inputs. Routed experts' statistics come from the
+(hidden, top_k_index, top_k_weights) that the model's own router hands its experts module, so every
+family's routing rule (softmax top-k, Qwen's norm_topk_prob, DeepSeek's grouped sigmoid with the
+correction bias) is the model's own. One function serves every family; no tracing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from moeq.errors import MoeqError
+from moeq.gptq import gptq_quantize
+from moeq.hessian import RoutedHessian
+from moeq.plan import Plan, TensorPlan
+from moeq.quant_format import QuantFormat, QuantizedTensor, rtn
+from moeq.shards import ShardReader, weight_slot
+
+# True-sequential stages within a decoder layer: (roles, projections). A tensor is solved in the first
+# stage that names its role and projection; its inputs are collected after all earlier stages are applied.
+STAGES: tuple[tuple[frozenset, frozenset], ...] = (
+    (frozenset({"attn"}), frozenset({"q", "k", "v", "q_a", "kv_a"})),
+    (frozenset({"attn"}), frozenset({"q_b", "kv_b"})),
+    (frozenset({"attn"}), frozenset({"o"})),
+    (frozenset({"router", "router_gate", "expert", "shared_expert", "dense_mlp"}), frozenset({"gate", "up", None})),
+    (frozenset({"expert", "shared_expert", "dense_mlp"}), frozenset({"down"})),
+)
+FIRST_MLP_STAGE, DOWN_STAGE = 3, 4
+MLP_BLOCK = "mlp"  # transformers' module holding a layer's MoE block or dense MLP, in every supported family
+
+
+@dataclass(frozen=True)
+class ModuleResult:
+    """What happened to one quantized tensor."""
+
+    name: str
+    role: str
+    layer: int | None
+    expert: int | None
+    method: str            # "gptq" | "rtn"
+    tokens: int            # calibration tokens that reached it (routed tokens for experts)
+    loss: float            # tr(dW H dW^T) / N: mean squared output error per output element
+    rel_loss: float        # the same relative to the output's energy tr(W H W^T) / N
+    damp: float            # relative damping used (raised when the Hessian was not positive definite)
+    fallback: str | None   # starved-expert policy applied: "shrink" | "rtn" | None
+    quantized: QuantizedTensor = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Hidden states entering a decoder layer, as a list of batches, and the kwargs the layer takes."""
+
+    batches: list[torch.Tensor]                   # each [B, L, H]
+    kwargs: list[dict]                            # per batch: attention mask, position embeddings, ...
+
+
+class _StageDone(Exception):
+    """Raised by a hook once every input site of a stage has been seen: the rest of the forward is skipped."""
+
+
+def _tensor_stage(plan_entry: TensorPlan) -> int:
+    t = plan_entry.tensor
+    for i, (roles, projs) in enumerate(STAGES):
+        if t.role in roles and t.proj in projs:
+            return i
+    raise MoeqError(f"{t.name}: no quantization stage for role {t.role!r} proj {t.proj!r}; add it to STAGES")
+
+
+def build_skeleton(config, device: torch.device, dtype: torch.dtype):
+    """The model with every parameter on the meta device except embeddings and rotary tables."""
+    from transformers import AutoModelForCausalLM
+
+    config.use_cache = False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(model.config).to(device)  # rebuilt: meta buffers hold no values
+    return model.eval()
+
+
+def load_model_tensor(model, reader: ShardReader, plan: Plan, name: str, device, dtype) -> None:
+    """Materialise one model-level tensor (embed, final norm, lm_head) from disk into the skeleton."""
+    tensor = plan.inventory.by_name[name]
+    module_path, param = name.rsplit(".", 1)
+    module = model.get_submodule(module_path)
+    setattr(module, param, torch.nn.Parameter(reader.read(tensor).to(device, dtype), requires_grad=False))
+
+
+def capture_layer_inputs(model, token_batches: list[torch.Tensor], device) -> LayerActivations:
+    """Run the embedding and capture what the first decoder layer receives for each batch."""
+    captured: list = []
+
+    class Catcher(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+            self.attention_type = getattr(layer, "attention_type", "full_attention")
+
+        def forward(self, hidden_states, *args, **kwargs):
+            captured.append((hidden_states, kwargs))
+            raise _StageDone
+
+    first = model.model.layers[0]
+    model.model.layers[0] = Catcher(first)
+    try:
+        for ids in token_batches:
+            try:
+                model.model(input_ids=ids.to(device), use_cache=False)
+            except _StageDone:
+                pass
+    finally:
+        model.model.layers[0] = first
+    return LayerActivations([h for h, _ in captured], [kw for _, kw in captured])
+
+
+def run_layer(layer, acts: LayerActivations) -> LayerActivations:
+    """The layer's outputs for every batch (the next layer's inputs)."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, kwargs in zip(acts.batches, acts.kwargs):
+            out = layer(hidden, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    return LayerActivations(outputs, acts.kwargs)
+
+
+class _Sites:
+    """Forward pre-hooks that accumulate the Hessians of one stage of one layer.
+
+    Linear-like modules (attention projections, routers, shared-expert and dense-MLP projections) see
+    their input. Modules fed the very same input tensor in a batch (q/k/v; a router and a shared expert)
+    share one accumulator. Routed experts: the experts module's (hidden, top_k_index, top_k_weights);
+    gate/up accumulate the routed hidden states, down the intermediate activations computed with the
+    (already quantized) gate/up weights. Once every site has fired in a batch the forward is cut short.
+    """
+
+    def __init__(self, layer, linear_modules: list[str], experts_module: str | None, experts_input: str,
+                 num_experts: int, gate_weighted: bool):
+        self.layer = layer
+        self.linear_modules = linear_modules
+        self.experts_module, self.experts_input = experts_module, experts_input
+        self.num_experts, self.gate_weighted = num_experts, gate_weighted
+        self.hessians: dict[str, RoutedHessian] = {}   # accumulator key -> Hessian
+        self.owner: dict[str, str] = {}                # module -> accumulator key (shared inputs)
+        self._inputs: dict[str, torch.Tensor] = {}     # this batch's input per linear module
+        self._experts_seen = False
+        self._handles = []
+
+    def __enter__(self):
+        for path in self.linear_modules:
+            hook = self._linear_hook(path)
+            self._handles.append(self.layer.get_submodule(path).register_forward_pre_hook(hook))
+        if self.experts_module:
+            module = self.layer.get_submodule(self.experts_module)
+            self._handles.append(module.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+    def run(self, forward) -> None:
+        """One batch: run `forward`, cut short once every site has fired, then accumulate."""
+        try:
+            forward()
+        except _StageDone:
+            pass
+        missing = [p for p in self.linear_modules if p not in self._inputs]
+        if missing or (self.experts_module and not self._experts_seen):
+            raise MoeqError(f"modules {missing or [self.experts_module]} received no input in the layer's forward; "
+                            "the family table names a module this model does not run")
+        seen: dict[int, str] = {}
+        for path in self.linear_modules:
+            x = self._inputs[path]
+            key = self.owner.setdefault(path, seen.setdefault(id(x), path))
+            if key == path:
+                flat = x.reshape(-1, x.shape[-1])
+                rows = torch.arange(flat.shape[0], device=flat.device)
+                self._accumulate(path, flat, rows, torch.zeros_like(rows), None, count=1)
+        self._inputs.clear()
+        self._experts_seen = False
+
+    def _check_done(self):
+        if len(self._inputs) == len(self.linear_modules) and (self._experts_seen or not self.experts_module):
+            raise _StageDone
+
+    def _linear_hook(self, path):
+        def hook(module, args):
+            self._inputs[path] = args[0]
+            self._check_done()
+        return hook
+
+    def _experts_hook(self, module, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        hidden, top_k_index, top_k_weights = (list(args) + [kwargs[n] for n in names[len(args):]])[:3]
+        tokens = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(top_k_index.shape[1])
+        experts = top_k_index.reshape(-1)
+        keep = experts < self.num_experts  # index == E marks a dropped pair (expert parallelism)
+        tokens, experts = tokens[keep], experts[keep]
+        # The MoE output is sum_k w_k * expert_k(x): an expert's output error reaches the block scaled by its
+        # gate weight, so gate weighting (AGQ) weights each pair's x x^T by w^2.
+        weights = top_k_weights.reshape(-1)[keep].float() ** 2 if self.gate_weighted else None
+        if self.experts_input == "down":
+            hidden = _expert_intermediate(module, hidden, tokens, experts)
+            tokens = torch.arange(tokens.numel(), device=hidden.device)
+        self._accumulate(self.experts_module, hidden, tokens, experts, weights, count=self.num_experts)
+        self._experts_seen = True
+        self._check_done()
+
+    def _accumulate(self, key, x, tokens, experts, weights, count: int):
+        if key not in self.hessians:
+            self.hessians[key] = RoutedHessian(count, x.shape[-1], device=x.device)
+        self.hessians[key].add(x, tokens, experts, weights)
+
+    def hessian_for(self, module_path: str) -> RoutedHessian:
+        return self.hessians[self.owner.get(module_path, module_path)]
+
+
+def _expert_intermediate(module, hidden, tokens, experts):
+    """act(x W_gate^T) * (x W_up^T) for every (token, expert) pair, in pair order: [P, I]."""
+    out = torch.empty(tokens.numel(), module.down_proj.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    for e in torch.unique(experts).tolist():
+        pairs = (experts == e).nonzero().squeeze(1)
+        gate, up = torch.nn.functional.linear(hidden[tokens[pairs]], module.gate_up_proj[e]).chunk(2, dim=-1)
+        out[pairs] = module.act_fn(gate) * up
+    return out
+
+
+def _solve(weight: torch.Tensor, hessian: torch.Tensor, scheme) -> tuple[QuantizedTensor, torch.Tensor, dict]:
+    """GPTQ or RTN for a batch of same-shape weights W [E, N, K] with Hessians H [E, K, K]."""
+    fmt = QuantFormat(scheme.bits, scheme.group_size, scheme.sym, clip_search=scheme.clip)
+    w = weight.float()
+    if scheme.method == "gptq":
+        result = gptq_quantize(w, hessian, fmt, act_order=scheme.act_order, damp=scheme.damp)
+        q = result.quantized
+        stats = {"loss": result.loss, "rel_loss": result.rel_loss, "damp": result.damp}
+    else:
+        q = rtn(w, fmt)
+        stats = _output_error(w, q.dequantize(), hessian)
+        stats["damp"] = torch.zeros(w.shape[0])
+    return q, q.dequantize(), stats
+
+
+def _output_error(w, dq, hessian) -> dict:
+    """loss = tr(dW H dW^T)/N and its ratio to tr(W H W^T)/N, per batch element (same definition as GPTQ)."""
+    delta = dq - w
+    energy = lambda m: torch.einsum("enk,ekj,enj->e", m, hessian, m) / m.shape[1]  # noqa: E731
+    loss, base = energy(delta), energy(w)
+    return {"loss": loss, "rel_loss": loss / base.clamp_min(1e-30)}
+
+
+def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Plan, acts: LayerActivations,
+                   on_stage: Callable[[str], None] = lambda s: None) -> list[ModuleResult]:
+    """Quantize one resident decoder layer in place, stage by stage; returns a result per quantized tensor.
+
+    Attention stages run the layer's forward (cut short at the stage's modules). The MLP stages run only
+    the layer's MLP block on its inputs, captured once after attention is quantized.
+    """
+    inventory = plan.inventory
+    by_stage: dict[int, list[TensorPlan]] = {}
+    for entry in entries:
+        if entry.scheme is not None:
+            by_stage.setdefault(_tensor_stage(entry), []).append(entry)
+    results: list[ModuleResult] = []
+    mlp_inputs = None
+    for stage in sorted(by_stage):
+        stage_entries = by_stage[stage]
+        slots = {e.tensor.name: weight_slot(e.tensor, inventory) for e in stage_entries}
+        experts = [e for e in stage_entries if e.tensor.role == "expert"]
+        linear = sorted({slots[e.tensor.name].module_path() for e in stage_entries if e.tensor.role != "expert"})
+        sites = _Sites(layer, linear, slots[experts[0].tensor.name].module_path() if experts else None,
+                       "down" if stage == DOWN_STAGE else "in", inventory.num_experts,
+                       any(e.scheme.gate_weighted for e in experts))
+        on_stage(f"layer {layer_index} stage {stage}: collecting")
+        if stage >= FIRST_MLP_STAGE and mlp_inputs is None:
+            mlp_inputs = capture_mlp_inputs(layer, acts)
+        with sites, torch.no_grad():
+            if stage >= FIRST_MLP_STAGE:
+                mlp = layer.get_submodule(MLP_BLOCK)
+                for x in mlp_inputs:
+                    sites.run(lambda: mlp(x))
+            else:
+                for hidden, kwargs in zip(acts.batches, acts.kwargs):
+                    sites.run(lambda: layer(hidden, **kwargs))
+        on_stage(f"layer {layer_index} stage {stage}: solving {len(stage_entries)} tensors")
+        results += _solve_stage(layer, stage_entries, slots, sites)
+    return results
+
+
+def capture_mlp_inputs(layer, acts: LayerActivations) -> list[torch.Tensor]:
+    """What the layer's MLP block receives for each batch (the forward stops there)."""
+    captured = []
+
+    def hook(module, args):
+        captured.append(args[0])
+        raise _StageDone
+
+    handle = layer.get_submodule(MLP_BLOCK).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for hidden, kwargs in zip(acts.batches, acts.kwargs):
+                try:
+                    layer(hidden, **kwargs)
+                except _StageDone:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _solve_stage(layer, entries: list[TensorPlan], slots, sites: _Sites) -> list[ModuleResult]:
+    results = []
+    for entry in [e for e in entries if e.tensor.role != "expert"]:
+        slot = slots[entry.tensor.name]
+        accumulator = sites.hessian_for(slot.module_path())
+        hessian, _ = accumulator.finalize(min_tokens=0, policy="shrink")
+        q, dq, stats = _solve(slot.get(layer)[None], hessian, entry.scheme)
+        slot.set(layer, dq[0].to(slot.get(layer).dtype))
+        q = QuantizedTensor(q.q[0], q.scales[0], q.zeros[0], q.fmt)
+        results.append(_result(entry, q, stats, 0, int(accumulator.counts[0]), None))
+    # routed experts: one batched solve per (projection, scheme) over all experts that share it
+    groups: dict[tuple, list[TensorPlan]] = {}
+    for entry in [e for e in entries if e.tensor.role == "expert"]:
+        groups.setdefault((entry.tensor.proj, entry.scheme), []).append(entry)
+    for (proj, scheme), group in groups.items():
+        accumulator = sites.hessian_for(slots[group[0].tensor.name].module_path())
+        hessian, report = accumulator.finalize(min_tokens=scheme.min_tokens, policy=scheme.starved)
+        index = torch.tensor([e.tensor.expert for e in group])
+        weights = torch.stack([slots[e.tensor.name].get(layer) for e in group])
+        q, dq, stats = _solve(weights, hessian[index], scheme)
+        for i, entry in enumerate(group):
+            expert_report = report[entry.tensor.expert]
+            qi = QuantizedTensor(q.q[i], q.scales[i], q.zeros[i], q.fmt)
+            stats_i = {k: v[i:i + 1] for k, v in stats.items()}
+            if expert_report.policy == "rtn":  # starved expert, recipe asked for round-to-nearest
+                qi = rtn(weights[i].float(), q.fmt)
+                stats_i = {**_output_error(weights[i:i + 1].float(), qi.dequantize()[None], hessian[index[i:i + 1]]),
+                           "damp": torch.zeros(1)}
+            slot = slots[entry.tensor.name]
+            slot.set(layer, qi.dequantize().to(weights.dtype))
+            results.append(_result(entry, qi, stats_i, 0, expert_report.tokens, expert_report.policy,
+                                   method="rtn" if expert_report.policy == "rtn" else scheme.method))
+    return results
+
+
+def _result(entry: TensorPlan, q: QuantizedTensor, stats: dict, i: int, tokens: int, fallback, method=None):
+    t = entry.tensor
+    return ModuleResult(
+        name=t.name, role=t.role, layer=t.layer, expert=t.expert, method=method or entry.scheme.method,
+        tokens=tokens, loss=float(stats["loss"][i]), rel_loss=float(stats["rel_loss"][i]),
+        damp=float(stats["damp"][i]), fallback=fallback, quantized=q,
+    )

@@ -1,0 +1,169 @@
+"""`moeq quantize`: calibrate, solve and write a whole model, one decoder layer resident at a time.
+
+Evaluation text (when given) travels through the same layer loop twice, once through the original
+layer and once through the quantized one, so perplexity before and after and the per-layer routing
+agreement come without ever loading the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from moeq import __version__
+from moeq.calibration import calibration_windows, coverage_advice, evaluation_windows, read_token_stream
+from moeq.checkpoint import CheckpointWriter
+from moeq.errors import MoeqError
+from moeq.evaluate import perplexity
+from moeq.pipeline import (LayerActivations, ModuleResult, build_skeleton, capture_layer_inputs,
+                           load_model_tensor, quantize_layer, run_layer)
+from moeq.plan import Plan
+from moeq.report import QuantizationReport, RoutingRecorder
+from moeq.inventory import TORCH_DTYPES
+from moeq.shards import ShardReader, weight_slot
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    calib: Path
+    out: Path
+    eval: Path | None = None
+    calib_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    eval_windows: int = 64
+    batch_size: int = 16          # sequences per forward pass
+    device: str = "auto"          # "auto": cuda when present, else cpu
+    text_field: str = "text"
+    resume: bool = False
+    force: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _batches(windows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return list(windows.split(size))
+
+
+def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> QuantizationReport:
+    """Quantize `plan.inventory`'s checkpoint per `plan` and write it to config.out."""
+    inventory = plan.inventory
+    model_dir = Path(inventory.model_dir)
+    if config.eval is not None and (Path(config.eval).resolve() == Path(config.calib).resolve()
+                                    or _file_digest(Path(config.eval)) == _file_digest(Path(config.calib))):
+        raise MoeqError(f"--eval {config.eval} is the calibration text; perplexity on it would flatter the result. "
+                        "Evaluate on text the calibration never saw")
+    device = resolve_device(config.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # bf16 matmuls are slow on CPUs
+    started = time.perf_counter()
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    calib_ids = calibration_windows(read_token_stream(config.calib, tokenizer, config.text_field),
+                                    config.calib_samples, config.seq_len, config.seed)
+    eval_ids = None
+    if config.eval is not None:
+        eval_ids = evaluation_windows(read_token_stream(config.eval, tokenizer, config.text_field),
+                                      config.eval_windows, config.seq_len)
+    num_params = sum(t.numel for t in inventory.tensors)
+    for advice in coverage_advice(num_params, config.calib_samples, config.seq_len):
+        log(f"warning: {advice}")
+    log(f"calibration: {calib_ids.shape[0]} x {calib_ids.shape[1]} = {calib_ids.numel()} tokens "
+        f"from {config.calib}" + (f"; evaluation: {eval_ids.numel()} tokens from {config.eval}" if eval_ids is not None else ""))
+
+    reader = ShardReader(inventory)
+    model = build_skeleton(inventory.config, device, dtype)
+    load_model_tensor(model, reader, plan, "model.embed_tokens.weight", device, dtype)
+    calib_batches = _batches(calib_ids, config.batch_size)
+    eval_batches = _batches(eval_ids, config.batch_size) if eval_ids is not None else []
+    calib = capture_layer_inputs(model, calib_batches, device)
+    eval_fp = capture_layer_inputs(model, eval_batches, device) if eval_batches else None
+    eval_q = eval_fp
+
+    writer = CheckpointWriter(config.out, inventory.num_layers + 1, force=config.force, resume=config.resume)
+    results: list[ModuleResult] = []
+    agreement: dict[int, float] = {}
+    first_layer = 0
+    resume_path = writer.partial / "resume.pt"
+    if config.resume and resume_path.is_file():
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        first_layer = state["next_layer"]
+        calib = LayerActivations(state["calib"], calib.kwargs)
+        if eval_fp is not None:
+            eval_fp = LayerActivations(state["eval_fp"], eval_fp.kwargs)
+            eval_q = LayerActivations(state["eval_q"], eval_q.kwargs)
+        results, agreement = state["results"], state["agreement"]
+        log(f"resuming from layer {first_layer} ({writer.partial})")
+
+    from tqdm.auto import tqdm
+
+    layers = range(first_layer, inventory.num_layers)
+    bar = tqdm(layers, desc="quantizing", unit="layer", dynamic_ncols=True)
+    for i in bar:
+        layer = model.model.layers[i]
+        # 16-bit weights compute in `dtype`; fp32 tensors (DeepSeek's routing bias) stay fp32
+        layer.load_state_dict({k: v.to(device, dtype if v.dtype in (torch.bfloat16, torch.float16) else v.dtype)
+                               for k, v in reader.layer_state(i).items()}, assign=True)
+        layer.requires_grad_(False)
+        routing_fp = None
+        if eval_fp is not None:
+            bar.set_postfix_str("eval (original)")
+            routing_fp, eval_fp = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_fp))
+        entries = [e for e in plan.entries if e.tensor.layer == i]
+        layer_results = quantize_layer(layer, i, entries, plan, calib, on_stage=bar.set_postfix_str)
+        results += layer_results
+        if eval_q is not None:
+            bar.set_postfix_str("eval (quantized)")
+            routing_q, eval_q = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_q))
+            if routing_fp is not None and routing_q is not None:
+                agreement[i] = RoutingRecorder.fraction(routing_fp, routing_q)
+        bar.set_postfix_str("forward")
+        calib = run_layer(layer, calib)
+        writer.write_shard(i, _layer_tensors_to_write(plan, i, layer))
+        layer.to_empty(device="meta")
+        state = {"next_layer": i + 1, "calib": calib.batches, "results": results, "agreement": agreement,
+                 "eval_fp": eval_fp.batches if eval_fp else None, "eval_q": eval_q.batches if eval_q else None}
+        torch.save(state, resume_path.with_suffix(".tmp"))
+        os.replace(resume_path.with_suffix(".tmp"), resume_path)
+
+    # model-level tensors: final norm, lm_head (tied to the embedding when the config says so)
+    load_model_tensor(model, reader, plan, "model.norm.weight", device, dtype)
+    if "lm_head.weight" in inventory.by_name:
+        load_model_tensor(model, reader, plan, "lm_head.weight", device, dtype)
+    else:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    ppl = {}
+    if eval_fp is not None:
+        ppl["before"] = perplexity(eval_fp.batches, eval_batches, model.model.norm, model.lm_head)
+        ppl["after"] = perplexity(eval_q.batches, eval_batches, model.model.norm, model.lm_head)
+    writer.write_shard(inventory.num_layers, {t.name: reader.read(t) for t in inventory.tensors if t.layer is None
+                                              or t.layer >= inventory.num_layers})
+    report = QuantizationReport.build(plan, results, agreement, ppl, calib_ids.numel(),
+                                      seconds=time.perf_counter() - started)
+    sidecar = {"moeq_version": __version__, "format": "dequantized", "recipe": plan.recipe.source,
+               "calibration": {**{k: str(v) for k, v in asdict(config).items()}}, "report": report.to_json()}
+    expected = {t.name: (t.shape, t.dtype) for t in inventory.tensors}
+    config_json = json.loads((model_dir / "config.json").read_text())
+    writer.finish(model_dir, config_json, expected, sidecar)
+    return report
+
+
+def _layer_tensors_to_write(plan: Plan, layer_index: int, layer) -> dict[str, torch.Tensor]:
+    """Every on-disk tensor of the layer, under its upstream name, from the (quantized) resident layer."""
+    return {t.name: weight_slot(t, plan.inventory).get(layer).detach().to(TORCH_DTYPES[t.dtype]).clone()
+            for t in plan.inventory.layer_tensors(layer_index)}

@@ -1,0 +1,71 @@
+"""Quality benchmark: perplexity on ../shared/data/eval.txt after quantizing the ../shared fixtures.
+
+Setting (issue 3): int4 group 128 on routed experts and attention (uniform-int4 recipe: routers, shared
+expert gate and lm_head kept), 128 x 512 calibration tokens from calib.txt (seed 0), perplexity on the
+first 64 windows of 512 tokens of eval.txt, float32 on the CPU. One row per variant.
+
+    python scripts/bench_quality.py [--models tiny-mixtral tiny-qwen2-moe] [--variants gptq-sym rtn-sym ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from moeq.inventory import inventory_from_checkpoint
+from moeq.plan import make_plan
+from moeq.quantize import QuantizeConfig, quantize_model
+from moeq.recipe import load_recipe
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+
+# variant name -> recipe overrides on top of uniform-int4
+VARIANTS = {
+    "rtn-asym": ["defaults.method=rtn", "defaults.sym=false"],
+    "rtn-sym": ["defaults.method=rtn"],
+    "gptq-sym": [],
+    "gptq-asym": ["defaults.sym=false"],
+    "gptq-sym-noact": ["defaults.act_order=false"],
+    "gptq-sym-clip": ["defaults.clip=true"],
+    "gptq-asym-clip": ["defaults.sym=false", "defaults.clip=true"],
+    "gptq-sym-agq": ["defaults.gate_weighted=true"],
+}
+
+
+def run(model: str, variant: str, out_root: Path) -> dict:
+    plan = make_plan(inventory_from_checkpoint(SHARED / "fixtures" / model),
+                     load_recipe("uniform-int4", VARIANTS[variant]))
+    config = QuantizeConfig(calib=SHARED / "data" / "calib.txt", eval=SHARED / "data" / "eval.txt",
+                            out=out_root / f"{model}-{variant}", calib_samples=128, seq_len=512, eval_windows=64,
+                            device="cpu")
+    started = time.perf_counter()
+    report = quantize_model(plan, config, log=lambda *a: None)
+    return {"model": model, "variant": variant, "before": report.perplexity["before"],
+            "after": report.perplexity["after"], "seconds": time.perf_counter() - started,
+            "agreement": min(report.agreement.values()) if report.agreement else float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen2-moe"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            for variant in args.variants:
+                rows.append(run(model, variant, Path(tmp)))
+                r = rows[-1]
+                print(f"{r['model']:15s} {r['variant']:16s} ppl {r['before']:.3f} -> {r['after']:.3f}", flush=True)
+    print()
+    print(f"{'model':15s} {'variant':16s} {'bf16 ppl':>9s} {'quant ppl':>9s} {'delta':>7s} {'min route agr':>13s} {'time s':>7s}")
+    for r in rows:
+        delta = 100 * (r["after"] / r["before"] - 1)
+        print(f"{r['model']:15s} {r['variant']:16s} {r['before']:9.3f} {r['after']:9.3f} {delta:+6.2f}% "
+              f"{r['agreement']:13.1%} {r['seconds']:7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+import torch
+
+from moeq.calibration import calibration_windows
+from moeq.hessian import RoutedHessian
+from moeq.inventory import inventory_from_checkpoint
+from moeq.pipeline import (ModuleResult, _expert_intermediate, build_skeleton, capture_layer_inputs,
+                           capture_mlp_inputs, load_model_tensor, quantize_layer)
+from moeq.plan import make_plan
+from moeq.quant_format import QuantFormat, rtn
+from moeq.recipe import load_recipe
+from moeq.shards import ShardReader, weight_slot
+
+from conftest import DATA, FIXTURES
+
+
+def _resident_layer(model_dir, recipe, overrides=(), layer_index=0, tokens=(16, 128), seed=0):
+    inventory = inventory_from_checkpoint(model_dir)
+    plan = make_plan(inventory, load_recipe(recipe, list(overrides)))
+    reader = ShardReader(inventory)
+    model = build_skeleton(inventory.config, torch.device("cpu"), torch.float32)
+    load_model_tensor(model, reader, plan, "model.embed_tokens.weight", "cpu", torch.float32)
+    if (model_dir / "tokenizer.json").is_file():  # real text for the trained fixtures
+        from transformers import AutoTokenizer
+
+        text = (DATA / "calib.txt").read_text()[:200_000]
+        stream = torch.tensor(AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"])
+        ids = calibration_windows(stream, tokens[0], tokens[1], seed)
+    else:
+        ids = torch.randint(0, inventory.config.vocab_size, tokens, generator=torch.Generator().manual_seed(seed))
+    acts = capture_layer_inputs(model, list(ids.split(8)), "cpu")
+    layer = model.model.layers[layer_index]
+    layer.load_state_dict({k: v.float() for k, v in reader.layer_state(layer_index).items()}, assign=True)
+    layer.requires_grad_(False)
+    return plan, layer, acts, reader
+
+
+def _by_name(results: list[ModuleResult]) -> dict[str, ModuleResult]:
+    return {r.name: r for r in results}
+
+
+def test_expert_hessians_count_exactly_the_routed_tokens():
+    plan, layer, acts, _ = _resident_layer(FIXTURES / "demo-mixtral", "mixtral")
+    results = _by_name(quantize_layer(layer, 0, [e for e in plan.entries if e.tensor.layer == 0], plan, acts))
+    # routing recomputed independently from the (quantized-attention) MoE inputs and the kept router
+    x = torch.cat([h.reshape(-1, h.shape[-1]) for h in capture_mlp_inputs(layer, acts)])
+    top2 = torch.topk(torch.softmax(x @ layer.mlp.gate.weight.T, dim=-1), 2, dim=-1).indices
+    counts = torch.bincount(top2.reshape(-1), minlength=8)
+    for e in range(8):
+        for w in ("w1", "w2", "w3"):
+            assert results[f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"].tokens == counts[e]
+    assert counts.sum() == 2 * 16 * 128
+
+
+def test_gptq_beats_rtn_on_every_expert_projection():
+    plan, layer, acts, reader = _resident_layer(FIXTURES / "demo-mixtral", "mixtral", ["defaults.min_tokens=0"])
+    results = quantize_layer(layer, 0, [e for e in plan.entries if e.tensor.layer == 0], plan, acts)
+    for r in results:
+        assert r.method == "gptq" and r.loss > 0 and torch.isfinite(torch.tensor(r.loss))
+    experts = [r for r in results if r.role == "expert" and r.tokens > 200]
+    assert len(experts) >= 12
+    # RTN loss for the same weights under the same (post-attention) statistics is larger for each projection
+    mlp_x = torch.cat([h.reshape(-1, h.shape[-1]) for h in capture_mlp_inputs(layer, acts)])
+    for r in experts:
+        if r.name.endswith("w2.weight"):
+            continue
+        tokens = (torch.topk(torch.softmax(mlp_x @ layer.mlp.gate.weight.T, -1), 2, -1).indices == r.expert).any(-1)
+        xe = mlp_x[tokens]
+        h = xe.T @ xe / xe.shape[0]
+        w = reader.read(plan.inventory.by_name[r.name]).float()
+        rtn_dq = rtn(w, QuantFormat(4, 128, True)).dequantize()
+        rtn_loss = float(torch.einsum("nk,kj,nj->", rtn_dq - w, h, rtn_dq - w) / w.shape[0])
+        assert r.loss < rtn_loss, r.name
+
+
+def test_expert_with_zero_tokens_is_reported_and_keeps_its_weights(tiny_checkpoints):
+    plan, layer, acts, reader = _resident_layer(tiny_checkpoints["mixtral"], "mixtral",
+                                                ["defaults.group_size=32"], tokens=(8, 32))
+    router = layer.mlp.gate
+
+    def never_expert_3(hidden):  # Mixtral's softmax top-2 with expert 3 masked out
+        logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), router.weight)
+        logits[:, 3] = -torch.inf
+        top = torch.topk(torch.softmax(logits, dim=-1), 2, dim=-1)
+        return logits, top.values / top.values.sum(-1, keepdim=True), top.indices
+
+    router.forward = never_expert_3
+    results = _by_name(quantize_layer(layer, 0, [e for e in plan.entries if e.tensor.layer == 0], plan, acts))
+    for w in ("w1", "w2", "w3"):
+        name = f"model.layers.0.block_sparse_moe.experts.3.{w}.weight"
+        r = results[name]
+        assert r.tokens == 0 and r.fallback == "shrink"
+        original = reader.read(plan.inventory.by_name[name]).float()
+        dq = r.quantized.dequantize()
+        assert torch.isfinite(dq).all() and (dq != 0).float().mean() > 0.5
+        # solved against the layer-average Hessian: close to the original, never destroyed
+        assert (dq - original).norm() / original.norm() < 0.25
+        assert torch.equal(weight_slot(plan.inventory.by_name[name], plan.inventory).get(layer), dq)
+
+
+def test_rtn_policy_for_starved_experts(tiny_checkpoints):
+    plan, layer, acts, _ = _resident_layer(tiny_checkpoints["mixtral"], "mixtral",
+                                           ["defaults.group_size=32", "defaults.starved=rtn",
+                                            "defaults.min_tokens=100000"], tokens=(8, 32))
+    results = quantize_layer(layer, 0, [e for e in plan.entries if e.tensor.layer == 0], plan, acts)
+    experts = [r for r in results if r.role == "expert"]
+    assert experts and all(r.method == "rtn" and r.fallback == "rtn" for r in experts)
+    assert all(r.method == "gptq" for r in results if r.role == "attn")
+
+
+def test_expert_intermediate_matches_the_experts_forward():
+    plan, layer, acts, _ = _resident_layer(FIXTURES / "demo-mixtral", "mixtral")
+    experts = layer.mlp.experts
+    x = torch.randn(10, 128)
+    tokens = torch.tensor([0, 0, 3, 7, 9])
+    ids = torch.tensor([1, 5, 5, 0, 1])
+    inter = _expert_intermediate(experts, x, tokens, ids)
+    for p in range(5):
+        gate, up = (x[tokens[p]] @ experts.gate_up_proj[ids[p]].T).chunk(2)
+        torch.testing.assert_close(inter[p], torch.nn.functional.silu(gate) * up)
+
+
+def test_hessian_accumulator_is_the_routed_one():
+    h = RoutedHessian(4, 3)
+    x = torch.eye(3)
+    h.add(x, torch.tensor([0, 1, 2]), torch.tensor([2, 2, 0]))
+    assert h.counts.tolist() == [1, 0, 2, 0]
