@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from moeq.checkpoint import OUTPUT_FORMATS
 from moeq.errors import MoeqError
 
 
@@ -52,7 +53,7 @@ def cmd_quantize(args) -> None:
         calib=Path(args.calib), out=Path(args.out), eval=Path(args.eval) if args.eval else None,
         calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed, eval_windows=args.eval_windows,
         batch_size=args.batch_size, device=args.device, text_field=args.text_field, resume=args.resume,
-        force=args.force,
+        force=args.force, format=args.format,
     )
     report = quantize_model(plan, config)
     print()
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
     p.add_argument("--resume", action="store_true", help="continue a killed run from OUT.partial")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default="gptq",
+                   help="checkpoint format: gptq (default), compressed-tensors, or dequantized bf16 weights")
     p.add_argument("--no-generate", action="store_true", help="skip the greedy generation check")
     p.set_defaults(func=cmd_quantize)
     return parser

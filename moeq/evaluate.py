@@ -56,12 +56,24 @@ def greedy_generations(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24) 
 
 
 def load_for_generation(path, device: str = "auto"):
-    """The written checkpoint as a transformers model (dequantized weights) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The written checkpoint, loaded by moeq.load, and its tokenizer."""
+    from transformers import AutoTokenizer
 
+    from moeq.loader import load
     from moeq.quantize import resolve_device
 
-    device = resolve_device(device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return load(path, resolve_device(device)), AutoTokenizer.from_pretrained(path)
+
+
+def model_perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) of a whole model over token windows [n, L] (the same measure as `perplexity`)."""
+    total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for ids in windows.split(batch_size):
+            ids = ids.to(device)
+            logits = model(input_ids=ids).logits.float()
+            total_nll += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+            total_tokens += ids[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)

@@ -21,7 +21,7 @@ from moeq.errors import MoeqError
 from moeq.gptq import gptq_quantize
 from moeq.hessian import RoutedHessian
 from moeq.plan import Plan, TensorPlan
-from moeq.quant_format import QuantFormat, QuantizedTensor, rtn
+from moeq.quant_format import QuantizedTensor, rtn
 from moeq.shards import ShardReader, weight_slot
 
 # True-sequential stages within a decoder layer: (roles, projections). A tensor is solved in the first
@@ -235,7 +235,7 @@ def _expert_intermediate(module, hidden, tokens, experts):
 
 def _solve(weight: torch.Tensor, hessian: torch.Tensor, scheme) -> tuple[QuantizedTensor, torch.Tensor, dict]:
     """GPTQ or RTN for a batch of same-shape weights W [E, N, K] with Hessians H [E, K, K]."""
-    fmt = QuantFormat(scheme.bits, scheme.group_size, scheme.sym, clip_search=scheme.clip)
+    fmt = scheme.format
     w = weight.float()
     if scheme.method == "gptq":
         result = gptq_quantize(w, hessian, fmt, act_order=scheme.act_order, damp=scheme.damp)
@@ -357,3 +357,21 @@ def _result(entry: TensorPlan, q: QuantizedTensor, stats: dict, i: int, tokens: 
         tokens=tokens, loss=float(stats["loss"][i]), rel_loss=float(stats["rel_loss"][i]),
         damp=float(stats["damp"][i]), fallback=fallback, quantized=q,
     )
+
+
+def quantize_lm_head(model, entry: TensorPlan, final_hidden: LayerActivations) -> ModuleResult:
+    """GPTQ for lm_head on the final-norm outputs of the calibration text; the model's head is updated."""
+    head = model.lm_head
+    hessian = None
+    with torch.no_grad():
+        for hidden in final_hidden.batches:
+            x = model.model.norm(hidden).reshape(-1, hidden.shape[-1])
+            if hessian is None:
+                hessian = RoutedHessian(1, x.shape[-1], device=x.device)
+            rows = torch.arange(x.shape[0], device=x.device)
+            hessian.add(x, rows, torch.zeros_like(rows))
+        h, _ = hessian.finalize()
+        q, dq, stats = _solve(head.weight[None], h, entry.scheme)
+        head.weight = torch.nn.Parameter(dq[0].to(head.weight.dtype), requires_grad=False)  # unties from embed
+    q = QuantizedTensor(q.q[0], q.scales[0], q.zeros[0], q.fmt)
+    return _result(entry, q, stats, 0, int(hessian.counts[0]), None)

@@ -18,14 +18,13 @@ import torch
 
 from moeq import __version__
 from moeq.calibration import calibration_windows, coverage_advice, evaluation_windows, read_token_stream
-from moeq.checkpoint import CheckpointWriter
+from moeq.checkpoint import CheckpointWriter, gptq_checkpoint_format, quantization_config, stored_tensors
 from moeq.errors import MoeqError
 from moeq.evaluate import perplexity
 from moeq.pipeline import (LayerActivations, ModuleResult, build_skeleton, capture_layer_inputs,
-                           load_model_tensor, quantize_layer, run_layer)
+                           load_model_tensor, quantize_layer, quantize_lm_head, run_layer)
 from moeq.plan import Plan
 from moeq.report import QuantizationReport, RoutingRecorder
-from moeq.inventory import TORCH_DTYPES
 from moeq.shards import ShardReader, weight_slot
 
 
@@ -43,6 +42,7 @@ class QuantizeConfig:
     text_field: str = "text"
     resume: bool = False
     force: bool = False
+    format: str = "gptq"          # "gptq" | "compressed-tensors" | "dequantized"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,7 +134,9 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
                 agreement[i] = RoutingRecorder.fraction(routing_fp, routing_q)
         bar.set_postfix_str("forward")
         calib = run_layer(layer, calib)
-        writer.write_shard(i, _layer_tensors_to_write(plan, i, layer))
+        quantized = {r.name: r.quantized for r in layer_results}
+        writer.write_shard(i, _tensors_to_write(plan, config, inventory.layer_tensors(i), quantized,
+                                                lambda t: weight_slot(t, inventory).get(layer)))
         layer.to_empty(device="meta")
         state = {"next_layer": i + 1, "calib": calib.batches, "results": results, "agreement": agreement,
                  "eval_fp": eval_fp.batches if eval_fp else None, "eval_q": eval_q.batches if eval_q else None}
@@ -150,20 +152,39 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
     ppl = {}
     if eval_fp is not None:
         ppl["before"] = perplexity(eval_fp.batches, eval_batches, model.model.norm, model.lm_head)
+    head = plan.by_name.get("lm_head.weight")
+    if head is not None and head.scheme is not None:
+        bar.set_postfix_str("lm_head")
+        results.append(quantize_lm_head(model, head, calib))
+    if eval_fp is not None:
         ppl["after"] = perplexity(eval_q.batches, eval_batches, model.model.norm, model.lm_head)
-    writer.write_shard(inventory.num_layers, {t.name: reader.read(t) for t in inventory.tensors if t.layer is None
-                                              or t.layer >= inventory.num_layers})
+    model_level = [t for t in inventory.tensors if t.layer is None or t.layer >= inventory.num_layers]
+    writer.write_shard(inventory.num_layers, _tensors_to_write(plan, config, model_level,
+                                                               {r.name: r.quantized for r in results},
+                                                               reader.read))
     report = QuantizationReport.build(plan, results, agreement, ppl, calib_ids.numel(),
                                       seconds=time.perf_counter() - started)
-    sidecar = {"moeq_version": __version__, "format": "dequantized", "recipe": plan.recipe.source,
-               "calibration": {**{k: str(v) for k, v in asdict(config).items()}}, "report": report.to_json()}
-    expected = {t.name: (t.shape, t.dtype) for t in inventory.tensors}
+    sidecar = {"moeq_version": __version__, "format": config.format, "recipe": plan.recipe.source,
+               "run": {k: str(v) for k, v in asdict(config).items()}, "report": report.to_json()}
     config_json = json.loads((model_dir / "config.json").read_text())
-    writer.finish(model_dir, config_json, expected, sidecar)
+    header = quantization_config(config.format, _per_module_formats(plan))
+    if header is not None:
+        config_json["quantization_config"] = header
+    writer.finish(model_dir, config_json, sidecar)
     return report
 
 
-def _layer_tensors_to_write(plan: Plan, layer_index: int, layer) -> dict[str, torch.Tensor]:
-    """Every on-disk tensor of the layer, under its upstream name, from the (quantized) resident layer."""
-    return {t.name: weight_slot(t, plan.inventory).get(layer).detach().to(TORCH_DTYPES[t.dtype]).clone()
-            for t in plan.inventory.layer_tensors(layer_index)}
+def _per_module_formats(plan: Plan) -> dict:
+    """Every linear module of the checkpoint -> its stored QuantFormat, or None when kept."""
+    return {e.tensor.module: None if e.scheme is None else e.scheme.format for e in plan.entries
+            if e.tensor.quantizable}
+
+
+def _tensors_to_write(plan: Plan, config: QuantizeConfig, tensors, quantized: dict, value_of) -> dict:
+    """The stored form of `tensors`: kept ones as they are, quantized ones packed in config.format."""
+    checkpoint_format = gptq_checkpoint_format(_per_module_formats(plan).values())
+    out = {}
+    for t in tensors:
+        q = quantized.get(t.name)
+        out.update(stored_tensors(config.format, t, value_of(t), q, checkpoint_format))
+    return out

@@ -63,6 +63,13 @@ class Scheme:
         """What a checkpoint loader sees: two schemes with the same storage pack identically."""
         return ("bf16",) if self.keep else (self.bits, self.group_size, self.sym)
 
+    @property
+    def format(self):
+        """The number format (moeq.quant_format.QuantFormat) of a quantized scheme."""
+        from moeq.quant_format import QuantFormat
+
+        return QuantFormat(self.bits, self.group_size, self.sym, clip_search=self.clip)
+
     def label(self) -> str:
         if self.keep:
             return "kept"

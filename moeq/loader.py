@@ -1,0 +1,138 @@
+"""Reading a quantized checkpoint back: `moeq.load` and the checks behind `moeq inspect`.
+
+A checkpoint folder holds the upstream tensor names of its family, each linear weight either as it is
+(kept) or packed (GPTQ `qweight/qzeros/scales/g_idx`, compressed-tensors `weight_packed/weight_scale/
+weight_zero_point/weight_shape`). What each module holds is read from config.json's quantization_config,
+never from file names; every tensor must be explained and agree with config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from moeq.errors import CheckpointError
+from moeq.formats import Scheme, compressed_tensors, gptq
+from moeq.inventory import TORCH_DTYPES, TensorInfo, checkpoint_shards, inventory_from_config, read_safetensors_header
+from moeq.quant_format import QuantFormat, QuantizedTensor
+from moeq.shards import ShardReader
+
+PACKED = {  # quant_method -> (format module, tensor suffixes of a packed module)
+    "gptq": (gptq, ("qweight", "qzeros", "scales", "g_idx")),
+    "compressed-tensors": (compressed_tensors, ("weight_packed", "weight_scale", "weight_shape",
+                                                "weight_zero_point")),
+}
+_SAFETENSORS_TORCH = {"I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, **TORCH_DTYPES}
+
+
+class StoredCheckpoint(ShardReader):
+    """The original tensors of a (possibly quantized) checkpoint; `read` returns them dequantized."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        raw_config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        header = raw_config.get("quantization_config")
+        self.method = header.get("quant_method") if header else None
+        if self.method is not None and self.method not in PACKED:
+            raise CheckpointError(f"{path / 'config.json'}: quant_method {self.method!r} is not one moeq reads "
+                                  f"({', '.join(PACKED)})")
+        self.format_module, suffixes = PACKED.get(self.method, (None, ()))
+        self.resolve = self.format_module.read_quantization_config(header) if header else (lambda name: None)
+        self.checkpoint_format = (header or {}).get("checkpoint_format") or "gptq"
+        expected = inventory_from_config(path)
+        weight_map = checkpoint_shards(path)
+        self.headers = {shard: read_safetensors_header(path / shard) for shard in sorted(set(weight_map.values()))}
+        self.schemes: dict[str, Scheme | None] = {}
+        tensors, explained = [], set()
+        for t in expected.tensors:
+            scheme = self.resolve(t.module) if t.quantizable else None
+            # a packed module's parts (some optional, e.g. zero points of symmetric schemes) are checked on unpack
+            names = [f"{t.module}.{s}" for s in suffixes if f"{t.module}.{s}" in weight_map] if scheme else [t.name]
+            if not names or any(n not in weight_map for n in names):
+                if t.role == "mtp" and not any(k.startswith(f"model.layers.{t.layer}.") for k in weight_map):
+                    continue  # optional MTP layer, absent as a whole
+                raise CheckpointError(f"{path}: {t.module} should hold "
+                                      f"{'packed ' + str(scheme) if scheme else 'tensor ' + t.name} per config.json, "
+                                      f"but {', '.join(n for n in names if n not in weight_map) or 'it'} is missing")
+            if scheme is None:
+                entry = self.headers[weight_map[t.name]][t.name]
+                if tuple(entry["shape"]) != t.shape:
+                    raise CheckpointError(f"{path / weight_map[t.name]}: {t.name} has shape {entry['shape']}, "
+                                          f"config.json implies {list(t.shape)}")
+            explained.update(names)
+            self.schemes[t.name] = scheme
+            tensors.append(TensorInfo(t.name, t.shape, t.dtype if scheme else
+                                      self.headers[weight_map[t.name]][t.name]["dtype"], t.role, t.proj, t.layer,
+                                      t.expert, weight_map[names[0]]))
+        unexplained = sorted(set(weight_map) - explained)
+        if unexplained:
+            raise CheckpointError(f"{path}: {len(unexplained)} tensor(s) that config.json and its quantization_config "
+                                  f"do not explain, e.g. {', '.join(unexplained[:3])}")
+        super().__init__(type(expected)(path, expected.family, expected.config, expected.dims, tuple(tensors)))
+        self.weight_map = weight_map
+        self.path = path
+
+    def packed(self, tensor: TensorInfo) -> QuantizedTensor | None:
+        """The stored integers, scales and zero points of a quantized tensor (None when kept)."""
+        scheme = self.schemes[tensor.name]
+        if scheme is None:
+            return None
+        _, suffixes = PACKED[self.method]
+        parts = {s: self._read_raw(f"{tensor.module}.{s}") for s in suffixes if f"{tensor.module}.{s}" in self.weight_map}
+        extra = {"checkpoint_format": self.checkpoint_format} if self.method == "gptq" else {}
+        try:
+            q, scales, zeros = self.format_module.unpack(parts, scheme.bits, scheme.group_size, scheme.sym, **extra)
+        except CheckpointError as err:
+            raise CheckpointError(f"{self.path}: {tensor.module}: {err}") from None
+        if tuple(q.shape) != tensor.shape:
+            raise CheckpointError(f"{self.path}: {tensor.module} unpacks to {list(q.shape)}, config.json implies "
+                                  f"{list(tensor.shape)}")
+        return QuantizedTensor(q, scales, zeros, QuantFormat(scheme.bits, scheme.group_size, scheme.sym))
+
+    def verify(self) -> None:
+        """Unpack every quantized tensor once: every packed part present, of the shape and dtype its scheme
+        and config.json imply (kept tensors were checked against their headers on construction)."""
+        for t in self.inventory.tensors:
+            self.packed(t)
+
+    def read(self, tensor: TensorInfo) -> torch.Tensor:
+        quantized = self.packed(tensor)
+        if quantized is None:
+            return super().read(tensor)
+        return quantized.dequantize().to(TORCH_DTYPES[tensor.dtype])
+
+    def _read_raw(self, name: str) -> torch.Tensor:
+        shard = self.weight_map[name]
+        if shard not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
+        return self._handles[shard].get_tensor(name)
+
+
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """A transformers model of the checkpoint at `path` that runs: on the CPU, a reference path with the
+    weights dequantized once at load time."""
+    from moeq.pipeline import build_skeleton
+
+    checkpoint = StoredCheckpoint(path)
+    device = torch.device(device)
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    inventory = checkpoint.inventory
+    model = build_skeleton(inventory.config, device, dtype)
+    for i in range(inventory.num_layers):
+        state = checkpoint.layer_state(i)
+        model.model.layers[i].load_state_dict(
+            {k: v.to(device, dtype if v.dtype in (torch.bfloat16, torch.float16) else v.dtype) for k, v in state.items()},
+            assign=True)
+    for t in inventory.tensors:
+        if t.layer is None:
+            module_path, param = t.name.rsplit(".", 1)
+            setattr(model.get_submodule(module_path), param,
+                    torch.nn.Parameter(checkpoint.read(t).to(device, dtype), requires_grad=False))
+    if "lm_head.weight" not in inventory.by_name:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.requires_grad_(False)
+    return model.eval()
