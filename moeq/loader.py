@@ -112,21 +112,32 @@ class StoredCheckpoint(ShardReader):
         return self._handles[shard].get_tensor(name)
 
 
-def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
-    """A transformers model of the checkpoint at `path` that runs: on the CPU, a reference path with the
-    weights dequantized once at load time."""
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, kernels: bool | None = None):
+    """A transformers model of the checkpoint at `path` that runs. On the CPU (and with kernels=False) it is
+    the reference path: weights dequantized once at load time. On CUDA (kernels default True) quantized
+    4/8-bit modules run on moeq's Triton kernels, repacked once here."""
     from moeq.pipeline import build_skeleton
+    from moeq.runtime import swap_in_kernels
+    from moeq.shards import weight_slot
 
     checkpoint = StoredCheckpoint(path)
     device = torch.device(device)
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    kernels = device.type == "cuda" if kernels is None else kernels
     inventory = checkpoint.inventory
+    if kernels and (inventory.config.hidden_act != "silu" or dtype not in (torch.bfloat16, torch.float16)):
+        raise CheckpointError(f"{path}: the kernels run SiLU experts with bf16/fp16 activations; "
+                              f"this model has {inventory.config.hidden_act} and dtype {dtype}: pass kernels=False")
     model = build_skeleton(inventory.config, device, dtype)
     for i in range(inventory.num_layers):
         state = checkpoint.layer_state(i)
-        model.model.layers[i].load_state_dict(
+        layer = model.model.layers[i]
+        layer.load_state_dict(
             {k: v.to(device, dtype if v.dtype in (torch.bfloat16, torch.float16) else v.dtype) for k, v in state.items()},
             assign=True)
+        if kernels:
+            swap_in_kernels(layer, inventory.layer_tensors(i), checkpoint.packed, lambda t: weight_slot(t, inventory),
+                            inventory.num_experts, device)
     for t in inventory.tensors:
         if t.layer is None:
             module_path, param = t.name.rsplit(".", 1)

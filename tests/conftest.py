@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU machines (CI)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 FIXTURES = SHARED / "fixtures"
 DATA = SHARED / "data"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 # Tiny configs of every supported family, built with transformers' own config classes.
 TINY_CONFIGS = {

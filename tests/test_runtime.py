@@ -1,0 +1,53 @@
+"""moeq.load with the Triton kernels swapped in (run by the Triton interpreter on the CPU) matches the
+dequantized reference modules. fp16 activations: the interpreter has no native bf16 (see
+tests/triton_kernels/conftest.py); the GPU runs of scripts/bench_model.py cover bf16."""
+
+import pytest
+import torch
+
+import moeq
+from moeq.runtime import KernelExperts, KernelLinear
+
+from conftest import EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from moeq.inventory import inventory_from_checkpoint
+    from moeq.plan import make_plan
+    from moeq.quantize import QuantizeConfig, quantize_model
+    from moeq.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("rt") / "q"
+    # attention int4 g32 asymmetric, experts int4 g128 symmetric: both kernel weight formats
+    plan = make_plan(inventory_from_checkpoint(EXAMPLES / "demo-mixtral"),
+                     load_recipe("mixtral", ["rules.0.bits=4", "rules.0.group_size=32", "rules.0.sym=false"]))
+    quantize_model(plan, QuantizeConfig(calib=EXAMPLES / "calib.txt", out=out, calib_samples=8, seq_len=64,
+                                        device="cpu"), log=lambda *a: None)
+    return (moeq.load(out, "cpu", dtype=torch.float16, kernels=False),
+            moeq.load(out, "cpu", dtype=torch.float16, kernels=True))
+
+
+def test_kernel_modules_replace_every_quantized_module(models):
+    _, kernels = models
+    for layer in kernels.model.layers:
+        assert isinstance(layer.mlp.experts, KernelExperts)
+        assert all(isinstance(getattr(layer.self_attn, p), KernelLinear) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        assert not isinstance(layer.mlp.gate, KernelLinear)  # the router stays as stored
+
+
+def test_kernel_modules_match_the_reference(models):
+    reference, kernels = models
+    torch.manual_seed(0)
+    x = torch.randn(7, 128, dtype=torch.float16)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 0], [7, 7], [3, 5]])
+    weights = torch.rand(7, 2, dtype=torch.float16)
+    with torch.no_grad():
+        for layer_ref, layer_ker in zip(reference.model.layers[:2], kernels.model.layers[:2]):
+            for proj in ("q_proj", "o_proj"):
+                a = getattr(layer_ref.self_attn, proj)(x).float()
+                b = getattr(layer_ker.self_attn, proj)(x).float()
+                torch.testing.assert_close(b, a, rtol=0, atol=2e-2 * a.abs().max().item())
+            a = layer_ref.mlp.experts(x, ids, weights).float()
+            b = layer_ker.mlp.experts(x, ids, weights).float()
+            torch.testing.assert_close(b, a, rtol=0, atol=2e-2 * a.abs().max().item())
