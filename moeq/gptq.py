@@ -123,11 +123,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, act_ord
     Q = Qt.transpose(1, 2).contiguous()                                      # [E, N, K]
     del Qt, Wt
     scales16, zeros8 = scales.to(torch.float16), zeros.to(torch.uint8)
-    delta = fmt.dequantize(Q, scales16, zeros8) - w_orig
-    loss = _energy(delta, H)
-    base = _energy(w_orig, H)
-    rel_loss = torch.where(base > 0, loss / base.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(loss))
-    out = dict(q=Q, scales=scales16, zeros=zeros8, loss=loss / N, rel_loss=rel_loss, damp=rel_damp,
+    loss, rel_loss = output_error(w_orig, fmt.dequantize(Q, scales16, zeros8), H)
+    out = dict(q=Q, scales=scales16, zeros=zeros8, loss=loss, rel_loss=rel_loss, damp=rel_damp,
                dead_columns=dead.sum(-1))
     if squeeze:
         out = {k: v[0] for k, v in out.items()}
@@ -137,6 +134,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, act_ord
 def _energy(m: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """tr(m H m^T) per expert: m [E, N, K], H [E, K, K] -> [E]."""
     return (torch.bmm(m, H) * m).sum((1, 2))
+
+
+def output_error(w: torch.Tensor, dq: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, rel_loss) per expert for weights w and their quantized dq [E, N, K] under H [E, K, K]:
+    loss = tr(dW H dW^T) / N, rel_loss = tr(dW H dW^T) / tr(W H W^T) (0 where the output has no energy)."""
+    loss = _energy(dq - w, H)
+    base = _energy(w, H)
+    rel_loss = torch.where(base > 0, loss / base.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(loss))
+    return loss / w.shape[1], rel_loss
 
 
 def _inverse_hessian_factor(H, perm, dead, mean_diag, damp: float):

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from moeq.errors import MoeqError
-from moeq.gptq import gptq_quantize
+from moeq.gptq import gptq_quantize, output_error
 from moeq.hessian import RoutedHessian
 from moeq.plan import Plan, TensorPlan
 from moeq.quant_format import QuantizedTensor, rtn
@@ -243,17 +243,9 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, scheme) -> tuple[Quantiz
         stats = {"loss": result.loss, "rel_loss": result.rel_loss, "damp": result.damp}
     else:
         q = rtn(w, fmt)
-        stats = _output_error(w, q.dequantize(), hessian)
-        stats["damp"] = torch.zeros(w.shape[0])
+        loss, rel_loss = output_error(w, q.dequantize(), hessian)
+        stats = {"loss": loss, "rel_loss": rel_loss, "damp": torch.zeros(w.shape[0])}
     return q, q.dequantize(), stats
-
-
-def _output_error(w, dq, hessian) -> dict:
-    """loss = tr(dW H dW^T)/N and its ratio to tr(W H W^T)/N, per batch element (same definition as GPTQ)."""
-    delta = dq - w
-    energy = lambda m: torch.einsum("enk,ekj,enj->e", m, hessian, m) / m.shape[1]  # noqa: E731
-    loss, base = energy(delta), energy(w)
-    return {"loss": loss, "rel_loss": loss / base.clamp_min(1e-30)}
 
 
 def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Plan, acts: LayerActivations,
@@ -341,8 +333,8 @@ def _solve_stage(layer, entries: list[TensorPlan], slots, sites: _Sites) -> list
             stats_i = {k: v[i:i + 1] for k, v in stats.items()}
             if expert_report.policy == "rtn":  # starved expert, recipe asked for round-to-nearest
                 qi = rtn(weights[i].float(), q.fmt)
-                stats_i = {**_output_error(weights[i:i + 1].float(), qi.dequantize()[None], hessian[index[i:i + 1]]),
-                           "damp": torch.zeros(1)}
+                loss, rel_loss = output_error(weights[i:i + 1].float(), qi.dequantize()[None], hessian[index[i:i + 1]])
+                stats_i = {"loss": loss, "rel_loss": rel_loss, "damp": torch.zeros(1)}
             slot = slots[entry.tensor.name]
             slot.set(layer, qi.dequantize().to(weights.dtype))
             results.append(_result(entry, qi, stats_i, 0, expert_report.tokens, expert_report.policy,
