@@ -21,16 +21,24 @@ from moeq.recipe import load_recipe
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 
-# variant name -> recipe overrides on top of uniform-int4
+# variant name -> recipe overrides on top of uniform-int4; every switch is set explicitly
+def _variant(method="gptq", sym=True, clip=False, agq=False, act=True):
+    return [f"defaults.method={method}", f"defaults.sym={str(sym).lower()}", f"defaults.clip={str(clip).lower()}",
+            f"defaults.gate_weighted={str(agq).lower()}", f"defaults.act_order={str(act).lower()}"]
+
+
 VARIANTS = {
-    "rtn-asym": ["defaults.method=rtn", "defaults.sym=false"],
-    "rtn-sym": ["defaults.method=rtn"],
-    "gptq-sym": [],
-    "gptq-asym": ["defaults.sym=false"],
-    "gptq-sym-noact": ["defaults.act_order=false"],
-    "gptq-sym-clip": ["defaults.clip=true"],
-    "gptq-asym-clip": ["defaults.sym=false", "defaults.clip=true"],
-    "gptq-sym-agq": ["defaults.gate_weighted=true"],
+    "rtn-asym": _variant("rtn", sym=False),
+    "rtn-sym": _variant("rtn"),
+    "gptq-sym": _variant(),
+    "gptq-sym-noact": _variant(act=False),
+    "gptq-asym": _variant(sym=False),
+    "gptq-sym-clip": _variant(clip=True),
+    "gptq-sym-agq": _variant(agq=True),
+    "gptq-sym-clip-agq": _variant(clip=True, agq=True),           # the built-in recipes' default
+    "gptq-asym-clip": _variant(sym=False, clip=True),
+    "gptq-asym-agq": _variant(sym=False, agq=True),
+    "gptq-asym-clip-agq": _variant(sym=False, clip=True, agq=True),
 }
 
 
