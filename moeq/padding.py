@@ -99,8 +99,8 @@ def pad_plan(inventory: ModelInventory, target: int | Mapping[str, int],
         key = sources[dim]
         if not isinstance(key, str):
             raise PaddingError(f"{family.name}: the {role} intermediate size is computed from other config.json keys "
-                               f"(it has no key of its own); pad the keys it comes from instead"
-                               + (" (DeepSeek: pad the experts, shared experts follow)" if role == "shared_expert" else ""))
+                               "and has no key of its own; pad what it follows (DeepSeek's shared experts follow "
+                               "the experts)")
         updates[key] = size
         setattr(config, key, size)
     new_dims = model_dims(family, config)
@@ -131,7 +131,8 @@ def pad_tensor(spec: PaddingSpec, tensor: TensorInfo, value):
         return value
     shape = tuple(value.q.shape if isinstance(value, QuantizedTensor) else value.shape)
     if shape != tensor.shape:
-        raise PaddingError(f"{tensor.name}: got a value of shape {list(shape)}, the inventory says {list(tensor.shape)}")
+        raise PaddingError(f"{tensor.name}: got a value of shape {list(shape)}, the inventory says "
+                           f"{list(tensor.shape)}")
     if isinstance(value, QuantizedTensor):
         return _pad_quantized(tensor, value, new)
     out = value.new_zeros(new)

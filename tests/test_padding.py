@@ -84,7 +84,7 @@ def test_pad_errors_name_the_module(tmp_path):
     with pytest.raises(PaddingError, match="cannot pad role 'attn'"):
         pad_plan(mixtral, {"attn": 128})
     deepseek = inventory_from_config(_config_dir(tmp_path / "d", TINY_CONFIGS["deepseek_v3"]))
-    with pytest.raises(PaddingError, match="shared experts follow"):
+    with pytest.raises(PaddingError, match="shared experts follow the experts"):
         pad_plan(deepseek, {"shared_expert": 64})
 
 
