@@ -52,7 +52,8 @@ def test_expert_hessians_count_exactly_the_routed_tokens():
 
 
 def test_gptq_beats_rtn_on_every_expert_projection():
-    plan, layer, acts, reader = _resident_layer(FIXTURES / "demo-mixtral", "mixtral", ["defaults.min_tokens=0"])
+    plan, layer, acts, reader = _resident_layer(FIXTURES / "demo-mixtral", "mixtral", ["defaults.min_tokens=0",
+                                                                              "defaults.gate_weighted=false"])
     results = quantize_layer(layer, 0, [e for e in plan.entries if e.tensor.layer == 0], plan, acts)
     for r in results:
         assert r.method == "gptq" and r.loss > 0 and torch.isfinite(torch.tensor(r.loss))
