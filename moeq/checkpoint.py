@@ -29,7 +29,7 @@ PACKED_FORMATS = {"gptq": gptq, "compressed-tensors": compressed_tensors}
 OUTPUT_FORMATS = (*PACKED_FORMATS, "dequantized")
 
 
-def stored_tensors(fmt: str, tensor: TensorInfo, value: torch.Tensor, quantized: QuantizedTensor | None,
+def stored_tensors(fmt: str, tensor: TensorInfo, value: torch.Tensor | None, quantized: QuantizedTensor | None,
                    checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
     """What the checkpoint holds for one planned tensor: itself when kept, else its packed tensors."""
     if quantized is None:

@@ -53,7 +53,7 @@ def cmd_quantize(args) -> None:
         calib=Path(args.calib), out=Path(args.out), eval=Path(args.eval) if args.eval else None,
         calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed, eval_windows=args.eval_windows,
         batch_size=args.batch_size, device=args.device, text_field=args.text_field, resume=args.resume,
-        force=args.force, format=args.format,
+        force=args.force, format=args.format, pad_intermediate_to=args.pad_intermediate_to,
     )
     report = quantize_model(plan, config)
     print()
@@ -95,8 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="gptq",
                    help="checkpoint format: gptq (default), compressed-tensors, or dequantized bf16 weights")
+    p.add_argument("--pad-intermediate-to", type=int, metavar="N",
+                   help="zero-pad the routed experts' intermediate size to N so every tensor-parallel shard holds "
+                        "whole groups (exact; config.json is updated)")
     p.add_argument("--no-generate", action="store_true", help="skip the greedy generation check")
     p.set_defaults(func=cmd_quantize)
+
+    from moeq.inspect import add_cli as add_inspect_cli
+
+    add_inspect_cli(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ from moeq.errors import MoeqError
 from moeq.evaluate import perplexity
 from moeq.pipeline import (LayerActivations, ModuleResult, build_skeleton, capture_layer_inputs,
                            load_model_tensor, quantize_layer, quantize_lm_head, run_layer)
+from moeq.padding import pad_plan, pad_tensor, padded_config
 from moeq.plan import Plan
 from moeq.report import QuantizationReport, RoutingRecorder
 from moeq.shards import ShardReader, weight_slot
@@ -43,6 +44,7 @@ class QuantizeConfig:
     resume: bool = False
     force: bool = False
     format: str = "gptq"          # "gptq" | "compressed-tensors" | "dequantized"
+    pad_intermediate_to: int | None = None  # zero-pad the experts' intermediate size (moeq.padding)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,6 +70,8 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
         raise MoeqError(f"--eval {config.eval} is the calibration text; perplexity on it would flatter the result. "
                         "Evaluate on text the calibration never saw")
     device = resolve_device(config.device)
+    padding = (pad_plan(inventory, config.pad_intermediate_to, {e.tensor.name: e.scheme for e in plan.entries})
+               if config.pad_intermediate_to else None)  # errors before any compute
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # bf16 matmuls are slow on CPUs
     started = time.perf_counter()
 
@@ -136,7 +140,7 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
         calib = run_layer(layer, calib)
         quantized = {r.name: r.quantized for r in layer_results}
         writer.write_shard(i, _tensors_to_write(plan, config, inventory.layer_tensors(i), quantized,
-                                                lambda t: weight_slot(t, inventory).get(layer)))
+                                                lambda t: weight_slot(t, inventory).get(layer), padding))
         layer.to_empty(device="meta")
         state = {"next_layer": i + 1, "calib": calib.batches, "results": results, "agreement": agreement,
                  "eval_fp": eval_fp.batches if eval_fp else None, "eval_q": eval_q.batches if eval_q else None}
@@ -161,12 +165,15 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
     model_level = [t for t in inventory.tensors if t.layer is None or t.layer >= inventory.num_layers]
     writer.write_shard(inventory.num_layers, _tensors_to_write(plan, config, model_level,
                                                                {r.name: r.quantized for r in results},
-                                                               reader.read))
+                                                               reader.read, padding))
     report = QuantizationReport.build(plan, results, agreement, ppl, calib_ids.numel(),
                                       seconds=time.perf_counter() - started)
     sidecar = {"moeq_version": __version__, "format": config.format, "recipe": plan.recipe.source,
                "run": {k: str(v) for k, v in asdict(config).items()}, "report": report.to_json()}
     config_json = json.loads((model_dir / "config.json").read_text())
+    if padding is not None:
+        config_json = padded_config(config_json, padding)
+        sidecar["padding"] = padding.config_updates
     header = quantization_config(config.format, _per_module_formats(plan))
     if header is not None:
         config_json["quantization_config"] = header
@@ -180,11 +187,15 @@ def _per_module_formats(plan: Plan) -> dict:
             if e.tensor.quantizable}
 
 
-def _tensors_to_write(plan: Plan, config: QuantizeConfig, tensors, quantized: dict, value_of) -> dict:
-    """The stored form of `tensors`: kept ones as they are, quantized ones packed in config.format."""
+def _tensors_to_write(plan: Plan, config: QuantizeConfig, tensors, quantized: dict, value_of, padding) -> dict:
+    """The stored form of `tensors`: kept ones as they are, quantized ones packed in config.format,
+    zero-padded first when `padding` (a moeq.padding.PaddingSpec) says so."""
     checkpoint_format = gptq_checkpoint_format(_per_module_formats(plan).values())
     out = {}
     for t in tensors:
         q = quantized.get(t.name)
-        out.update(stored_tensors(config.format, t, value_of(t), q, checkpoint_format))
+        value = value_of(t) if q is None else None
+        if padding is not None:
+            q, value = (pad_tensor(padding, t, q), None) if q is not None else (None, pad_tensor(padding, t, value))
+        out.update(stored_tensors(config.format, t, value, q, checkpoint_format))
     return out
