@@ -1,9 +1,9 @@
 """The one quantized GEMM kernel behind fused_moe and quant_linear: C = epilogue(A @ dequant(W)^T).
 
 Rows are either dense (row r of A, quant_linear) or routed (fused_moe: block pid_m holds BLOCK_M
-pair ids of one expert, from moe_align_block_size). A row's activation is A[pair // A_DIV] and its
-output row is C[pair // C_DIV], so the gate/up GEMM reads token rows (A_DIV = top_k) and writes pair
-rows, and the down GEMM reads pair rows and accumulates into token rows (C_DIV = top_k).
+pair ids of one expert, from moe_align_block_size). A row's activation is A[pair // a_div] and its
+output row is C[pair // c_div], so the gate/up GEMM reads token rows (a_div = top_k) and writes pair
+rows, and the down GEMM reads pair rows and accumulates into token rows (c_div = top_k).
 SPLIT_K programs share one output tile, each taking a contiguous range of K tiles, and add their
 fp32 partial sums with atomics: that keeps HBM busy when there are few output tiles (decode).
 """
@@ -24,14 +24,14 @@ def _qgemm_kernel(
     a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, bias_ptr, topk_w_ptr,
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,  # None for dense rows
     # sizes
-    N, K, K_PADDED, num_rows, num_m_blocks,
+    N, K, K_PADDED, num_rows, num_m_blocks, a_div, c_div,
     # strides (the last dimension of every tensor is contiguous)
     stride_am, stride_we, stride_wn, stride_se, stride_sg, stride_cm,
     # constexpr
     BITS: tl.constexpr, GROUP_K: tl.constexpr, GROUP_TILE: tl.constexpr,
-    A_DIV: tl.constexpr, C_DIV: tl.constexpr, EPILOGUE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     # A: [*, K] fp16/bf16   W: packed [E, N, Kp/P]   C: [*, N] (or [*, N/2] for SILU_MUL)
     pid = tl.program_id(0)
@@ -59,7 +59,7 @@ def _qgemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (rows // A_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    a_ptrs = a_ptr + (rows // a_div).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     w_base = w_ptr + expert * stride_we
     s_base = s_ptr + expert * stride_se
     z_base = z_ptr + expert * stride_se
@@ -72,13 +72,13 @@ def _qgemm_kernel(
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
         a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-        b = load_dequant_tile(
+        w = load_dequant_tile(
             w_base, s_base, z_base, offs_n, n_mask, k0, stride_wn, stride_sg,
-            BITS, GROUP_K, GROUP_TILE, BLOCK_K, BLOCK_N,
-        )
-        acc = tl.dot(a, b.to(a.dtype), acc)
+            BITS, GROUP_K, GROUP_TILE, BLOCK_K, BLOCK_N, a_ptr.dtype.element_ty, USE_ASM,
+        )  # [BLOCK_N, BLOCK_K]
+        acc = tl.dot(a, tl.trans(w), acc)
 
-    c_rows = (rows // C_DIV).to(tl.int64)
+    c_rows = (rows // c_div).to(tl.int64)
     if EPILOGUE == 1:
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
         h = gate * tl.sigmoid(gate) * up
@@ -101,11 +101,12 @@ def _qgemm_kernel(
 
 
 def group_tile(group_size: int, k_padded: int, per_channel: bool, block_k: int) -> tuple[int, int, int]:
-    """(GROUP_K, GROUP_TILE, BLOCK_K): shrink BLOCK_K until a tile holds whole groups or lies in one."""
+    """(GROUP_K, GROUP_TILE, BLOCK_K): shrink BLOCK_K until a tile holds whole groups or lies in one.
+    A group tile holds whole word pairs (16 k for int4), so group sizes are powers of two >= 16."""
     if per_channel:
         return k_padded, block_k, block_k
-    while block_k > 16 and group_size % block_k and block_k % group_size:
-        block_k //= 2
+    if group_size < 16:
+        raise ValueError(f"group_size must be >= 16 for the GEMM kernels, got {group_size}")
     return group_size, min(group_size, block_k), block_k
 
 
@@ -118,10 +119,11 @@ def launch(a, w, c, cfg, *, num_rows, num_m_blocks, epilogue, a_div=1, c_div=1,
     _qgemm_kernel[grid](
         a, w.qweight, w.scales, w.zeros, c, bias, topk_weights,
         sorted_ids, block_expert, num_padded,
-        w.n, w.k, w.k_padded, num_rows, num_m_blocks,
+        w.n, w.k, w.k_padded, num_rows, num_m_blocks, a_div, c_div,
         a.stride(0), w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), w.scales.stride(1),
         c.stride(0),
-        BITS=w.bits, GROUP_K=group_k, GROUP_TILE=gtile, A_DIV=a_div, C_DIV=c_div, EPILOGUE=epilogue,
+        BITS=w.bits, GROUP_K=group_k, GROUP_TILE=gtile, EPILOGUE=epilogue,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
+        USE_ASM=a.is_cuda,  # the interpreter (CPU tensors) cannot run inline PTX
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

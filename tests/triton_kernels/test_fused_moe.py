@@ -59,10 +59,13 @@ def test_matches_twin(T, H, I, E, k, bits, group_size, sym, dtype, device):
     [
         (GemmConfig(16, 32, 64), GemmConfig(16, 32, 64, split_k=2)),
         (GemmConfig(32, 64, 128, group_m=2), GemmConfig(16, 64, 32, split_k=4)),  # different BLOCK_M
+        (GemmConfig(16, 64, 64), GemmConfig(32, 64, 128, split_k=3)),
     ],
 )
-def test_configs_and_split_k(configs, device):
-    check(*make_block(9, 192, 96, 8, 2, 4, 32, False, torch.bfloat16, device, seed=3), configs=configs)
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (4, PER_CHANNEL)])
+def test_configs_and_split_k(configs, bits, group_size, device):
+    x = make_block(9, 192, 96, 8, 2, bits, group_size, False, torch.bfloat16, device, seed=3)
+    check(*x, configs=configs)
 
 
 def test_experts_without_tokens(device):

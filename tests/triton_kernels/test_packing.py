@@ -30,12 +30,12 @@ def test_gate_up_rows_interleaved():
 
 
 def test_nibble_order():
-    # word j of a row holds k = 8j + i in bits [4i, 4i + 4)
+    # slot j (bits [4j, 4j + 4)) of word 2c + p holds k = 16c + 2j + p: even k in word 0, odd in word 1
     q = torch.arange(16, dtype=torch.uint8).reshape(1, 1, 16)
     s = torch.ones(1, 1, 1, dtype=torch.float16)
     p = pack_experts(q, s, torch.zeros(1, 1, 1, dtype=torch.uint8), 4, 16)
-    assert p.qweight[0, 0, 0].item() == 0x76543210
-    assert p.qweight[0, 0, 1].item() == 0xFEDCBA98 - (1 << 32)  # int32 view of the word
+    assert p.qweight[0, 0, 0].item() == 0xECA86420 - (1 << 32)  # int32 view of the word
+    assert p.qweight[0, 0, 1].item() == 0xFDB97531 - (1 << 32)
     assert torch.all(p.qweight[0, 0, 2:] == 0)  # K padding holds zeros
 
 

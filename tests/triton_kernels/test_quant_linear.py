@@ -20,6 +20,8 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
         ((5,), 48, 200, 4, 1 << 30, False, torch.bfloat16, True, None),  # per-channel, odd K
         ((33,), 96, 256, 4, 128, False, torch.float16, False, GemmConfig(32, 32, 64)),
         ((3,), 64, 256, 8, 32, True, torch.bfloat16, True, GemmConfig(16, 32, 32, split_k=4)),
+        ((40,), 64, 192, 4, 64, False, torch.float16, True, GemmConfig(64, 64, 64)),  # dequantized tile
+        ((2,), 64, 320, 8, 1 << 30, False, torch.bfloat16, False, GemmConfig(16, 64, 64, split_k=2)),
     ],
 )
 def test_matches_twin(lead, N, K, bits, group_size, sym, dtype, bias, config, device):
@@ -49,8 +51,8 @@ def test_rejects_bad_input(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need a GPU")
-@pytest.mark.parametrize("M", [1, 16, 512])
-@pytest.mark.parametrize("N,K", [(4096, 4096), (6144, 4096), (2048, 2048)])
+@pytest.mark.parametrize("M", [1, 512])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (2048, 1536)])
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (8, 1 << 30)])
 def test_real_sizes_gpu(M, N, K, bits, group_size):
     q, s, z = random_quantized(1, N, K, bits, group_size, False, "cuda")
