@@ -1,0 +1,298 @@
+"""Benchmark the int4/int8 fused MoE kernels against the bf16 per-expert loop users run today.
+
+    PYTHONUNBUFFERED=1 python3 scripts/bench_kernels.py [--shapes mixtral qwen3 deepseek]
+        [--tokens 1 16 64 256 1024 4096] [--bits 4 8] [--sweep] [--dense] [--log PATH]
+
+For each MoE block shape, token count and weight format it prints: the time of the whole fused_moe
+call (routing + both GEMMs, replayed from a CUDA graph; median of triton.testing.do_bench, which
+flushes L2 before every run) and of the same call launched eagerly, the bf16 baseline (transformers'
+MixtralExperts.forward loop: per hit expert index, F.linear, SiLU*up, F.linear, index_add), achieved
+GB/s and TFLOP/s, the floor max(bytes / 3.0 TB/s, FLOPs / 790 TFLOP/s) where bytes are the touched
+experts' weights + fp16 scales, time / floor, speed-up over bf16, and the error relative to the fp32
+dequantized reference at one token count per shape. --sweep times each GEMM alone over candidate
+configs (input to triton_kernels/configs.py). Routing is uniform random, top-k distinct experts.
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from triton_kernels import _qgemm  # noqa: E402
+from triton_kernels.configs import GemmConfig, get_config  # noqa: E402
+from triton_kernels.fused_moe import device_info, fused_moe, fused_moe_torch  # noqa: E402
+from triton_kernels.moe_routing import max_blocks, moe_align_block_size  # noqa: E402
+from triton_kernels.packing import pack_experts, pack_linear  # noqa: E402
+from triton_kernels.quant_linear import quant_linear, quant_linear_torch  # noqa: E402
+
+SHAPES = {  # name: (E, H, I, top_k)
+    "mixtral": (8, 4096, 14336, 2),
+    "qwen3": (128, 2048, 768, 8),
+    "deepseek": (256, 7168, 2048, 8),
+}
+HBM_BPS = 3.0e12
+PEAK_FLOPS = 790e12
+GROUP_SIZE = 128
+CHECK_TOKENS = (1, 16, 256)  # token counts checked against the fp32 reference (hit experts only)
+
+ALL_PATH = "/dev/null"  # every sweep timing, set from --sweep-log
+LOG_PATH = None  # set from --log; lines are appended as they are printed, so a killed run keeps them
+
+
+def out(line=""):
+    print(line, flush=True)
+    if LOG_PATH is not None:
+        with open(LOG_PATH, "a") as f:
+            f.write(line + "\n")
+
+
+def bench(fn, graph=True, rep=60):
+    """Median microseconds of fn, replayed from a CUDA graph (graph=True) or launched eagerly."""
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    else:
+        run = fn
+    return triton.testing.do_bench(run, warmup=10, rep=rep, return_mode="median") * 1e3
+
+
+def random_packed(E, N, K, bits, gate_up, gen):
+    q = torch.randint(0, 1 << bits, (E, N, K), dtype=torch.uint8, device="cuda", generator=gen)
+    G = K // GROUP_SIZE
+    s = ((torch.rand(E, N, G, device="cuda", generator=gen) + 0.5) * (2.0 / (1 << bits)) / K**0.5).half()
+    z = torch.full((E, N, G), 1 << (bits - 1), dtype=torch.uint8, device="cuda")
+    p = pack_experts(q, s, z, bits, GROUP_SIZE, gate_up=gate_up)
+    del q
+    return p
+
+
+def hf_bf16_moe(x, gate_up, down, topk_ids, topk_weights):
+    """transformers' MixtralExperts.forward: loop over hit experts, index, linear, act, linear, index_add."""
+    E = gate_up.shape[0]
+    final = torch.zeros_like(x)
+    expert_mask = F.one_hot(topk_ids, num_classes=E).permute(2, 1, 0)  # [E, k, T]
+    hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit:
+        e = e[0]
+        pos, tok = torch.where(expert_mask[e])
+        gate, up = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
+        h = F.linear(F.silu(gate) * up, down[e]) * topk_weights[tok, pos, None]
+        final.index_add_(0, tok, h.to(final.dtype))
+    return final
+
+
+def routing(T, E, k, gen):
+    ids = torch.rand(T, E, device="cuda", generator=gen).argsort(dim=1)[:, :k].contiguous()
+    w = torch.softmax(torch.randn(T, k, device="cuda", generator=gen), dim=-1)
+    return ids, w
+
+
+def floor_us(hit, H, I, bits, T, k):
+    wbytes = hit * 3 * H * I * (bits / 8 + 2 / GROUP_SIZE)
+    flops = 2 * T * k * 3 * H * I
+    return max(wbytes / HBM_BPS, flops / PEAK_FLOPS) * 1e6, wbytes, flops
+
+
+def check_error(x, w13, w2, ids, wts, configs=None):
+    """Relative error vs the fp32 dequantized reference, over the hit experts only (fits memory)."""
+    hit = torch.unique(ids)
+    sub = lambda p: dataclasses.replace(  # noqa: E731
+        p, qweight=p.qweight[hit], scales=p.scales[hit], zeros=p.zeros[hit])
+    remap = torch.searchsorted(hit, ids)
+    y = fused_moe(x, w13, w2, ids, wts, configs=configs)
+    ref = fused_moe_torch(x, sub(w13), sub(w2), remap, wts)
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def run_shape(name, tokens, bits_list, gen, baseline_cache, best):
+    E, H, I, k = SHAPES[name]
+    dev_name, sms = device_info(torch.device("cuda"))
+    for bits in bits_list:
+        w13 = random_packed(E, 2 * I, H, bits, True, gen)
+        w2 = random_packed(E, H, I, bits, False, gen)
+        for T in tokens:
+            x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+            ids, wts = routing(T, E, k, gen)
+            hit = torch.unique(ids).numel()
+            fl, wbytes, flops = floor_us(hit, H, I, bits, T, k)
+            tuned = best.get((name, T))
+            configs = (tuned["gate_up"], tuned["down"]) if tuned else None
+            small = hit * 3 * H * I * 4 < 4e9  # the fp32 reference of the hit experts fits comfortably
+            err = check_error(x, w13, w2, ids, wts, configs) if T in CHECK_TOKENS and small else float("nan")
+            fn = lambda: fused_moe(x, w13, w2, ids, wts, configs=configs)  # noqa: E731
+            t_graph = bench(fn, graph=True)
+            t_eager = bench(fn, graph=False)
+            key = (name, T)
+            if key not in baseline_cache:
+                gu = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=gen) / H**0.5
+                dn = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=gen) / I**0.5
+                baseline_cache[key] = bench(lambda: hf_bf16_moe(x, gu, dn, ids, wts), graph=False, rep=100)
+                del gu, dn
+            t_bf16 = baseline_cache[key]
+            c13, c2 = configs or (get_config(dev_name, E, 2 * I, H, bits, T, k, sms, splittable=False),
+                                  get_config(dev_name, E, H, I, bits, T, k, sms))
+            out(f"| {name} | int{bits} | {T} | {hit} | {t_graph:.1f} | {t_eager:.1f} | {t_bf16:.1f} | "
+                f"{wbytes / t_graph / 1e3:.0f} | {flops / t_graph / 1e6:.1f} | {fl:.1f} | {t_graph / fl:.2f} | "
+                f"{t_bf16 / t_graph:.2f} | {err:.1e} | {cfg_str(c13)} / {cfg_str(c2)} |")
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+def cfg_str(c):
+    return f"{c.block_m}x{c.block_n}x{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}{' swap' if c.swap_ab else ''}"
+
+
+def sweep_candidates(rows, gemm):
+    c = lambda bm, bn, bk, w, st, swap=False: GemmConfig(bm, bn, bk, 1, 8, w, st, swap)  # noqa: E731
+    if rows <= 32:
+        bm = 16 if rows <= 16 else 32
+        base = [c(bm, 128, 128, 4, 4, True), c(bm, 64, 128, 4, 4, True), c(bm, 256, 128, 8, 4, True),
+                c(bm, 128, 64, 4, 4, True), c(bm, 128, 128, 4, 3, True), c(bm, 64, 128, 4, 6, True),
+                c(64, 128, 64, 4, 4)]
+    elif rows <= 128:
+        base = [c(32, 128, 128, 4, 4, True), c(64, 128, 64, 4, 4), c(64, 256, 64, 8, 3), c(128, 128, 64, 8, 3),
+                c(32, 256, 128, 8, 4, True), c(64, 128, 128, 8, 3)]
+    else:
+        base = [c(128, 128, 64, 8, 3), c(128, 256, 64, 8, 3), c(256, 128, 64, 8, 3), c(128, 128, 128, 8, 3),
+                c(128, 256, 64, 8, 4)]
+    if gemm == "down":
+        splits = (1, 2, 4, 8) if rows <= 32 else (1, 2)
+        base = [dataclasses.replace(c, split_k=s) for c in base[:4] for s in splits]
+    return base
+
+
+def run_sweep(name, tokens, bits, gen, best):
+    """Time each GEMM alone over candidate configs; prints the best few per (shape, T, gemm) and
+    records the best in best[(name, T)] = (gate_up config, down config)."""
+    E, H, I, k = SHAPES[name]
+    w13 = random_packed(E, 2 * I, H, bits, True, gen)
+    w2 = random_packed(E, H, I, bits, False, gen)
+    for T in tokens:
+        P = T * k
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+        h = torch.randn(P, I, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ids, wts = routing(T, E, k, gen)
+        hit = torch.unique(ids).numel()
+        rows = P / min(E, P)
+        for gemm, w in (("gate_up", w13), ("down", w2)):
+            fl = floor_us(hit, H, I, bits, T, k)[0] * (2 / 3 if gemm == "gate_up" else 1 / 3)
+            res = []
+            for cfg in sweep_candidates(rows, gemm):
+                r = moe_align_block_size(ids, E, cfg.block_m)
+                nb = max_blocks(P, E, cfg.block_m)
+                if gemm == "gate_up":
+                    c = torch.empty(P, I, device="cuda", dtype=torch.bfloat16)
+                    fn = lambda: _qgemm.launch(x, w, c, cfg, num_rows=P, num_m_blocks=nb,  # noqa: E731
+                                               epilogue=_qgemm.EPILOGUE_SILU_MUL, a_div=k, routing=r)
+                else:
+                    c = torch.zeros(T, H, device="cuda", dtype=torch.float32)
+                    fn = lambda: _qgemm.launch(h, w, c, cfg, num_rows=P, num_m_blocks=nb,  # noqa: E731
+                                               epilogue=_qgemm.EPILOGUE_WEIGHTED_SUM, c_div=k,
+                                               topk_weights=wts.reshape(-1), routing=r)
+                try:
+                    res.append((bench(fn, rep=30), cfg))
+                except Exception as exc:  # a config can exceed shared memory or registers
+                    out(f"  sweep {name} T={T} {gemm} {cfg_str(cfg)}: {type(exc).__name__}: {str(exc)[:100]}")
+            res.sort(key=lambda t: t[0])
+            best.setdefault((name, T), {})[gemm] = res[0][1]
+            for t, cfg in res:
+                with open(ALL_PATH, "a") as f:
+                    f.write(f"{name} int{bits} T={T} rows={rows:.1f} {gemm} {cfg_str(cfg)} g{cfg.group_m} "
+                            f"{t:.2f}us floor={fl:.2f}\n")
+            top = ", ".join(f"{cfg_str(c)} {t:.1f}us" for t, c in res[:3])
+            out(f"| sweep | {name} | int{bits} | {T} | {gemm} | floor {fl:.1f}us | {top} |")
+    del w13, w2
+    torch.cuda.empty_cache()
+
+
+def tuned_literal(best, device_name):
+    """Lines of the TUNED dict in configs.py for the sweep's winners."""
+    table = {}
+    for (shape, T), cfgs in sorted(best.items()):
+        E, H, I, _ = SHAPES[shape]
+        table.setdefault((device_name, E, 2 * I, H, 4), {})[T] = cfgs["gate_up"]
+        table.setdefault((device_name, E, H, I, 4), {})[T] = cfgs["down"]
+    return [f"    {key!r}: {{{', '.join(f'{T}: {cfg!r}' for T, cfg in sorted(v.items()))}}}," for key, v in table.items()]
+
+
+def run_dense(bits, gen):
+    """quant_linear vs bf16 F.linear on attention-sized projections."""
+    for N, K in ((4096, 4096), (14336, 4096)):
+        q = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, device="cuda", generator=gen)
+        s = (torch.rand(N, K // GROUP_SIZE, device="cuda", generator=gen) * 0.01 + 0.001).half()
+        z = torch.full((N, K // GROUP_SIZE), 1 << (bits - 1), dtype=torch.uint8, device="cuda")
+        w = pack_linear(q, s, z, bits, GROUP_SIZE)
+        wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for M in (1, 16, 4096):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+            err = ((quant_linear(x, w).float() - quant_linear_torch(x, w)).norm() /
+                   quant_linear_torch(x, w).norm()).item()
+            t = bench(lambda: quant_linear(x, w))
+            tb = bench(lambda: F.linear(x, wb))
+            fl = max(N * K * (bits / 8 + 2 / GROUP_SIZE) / HBM_BPS, 2 * M * N * K / PEAK_FLOPS) * 1e6
+            out(f"| dense | int{bits} | {N}x{K} | {M} | {t:.1f} | {tb:.1f} | {fl:.1f} | {t / fl:.2f} | "
+                f"{tb / t:.2f} | {err:.1e} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 64, 256, 1024, 4096])
+    ap.add_argument("--bits", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--sweep", action="store_true",
+                    help="time each GEMM over candidate configs (int4); the MoE table then uses the best")
+    ap.add_argument("--no-moe", action="store_true", help="skip the main MoE table")
+    ap.add_argument("--dense", action="store_true", help="also time quant_linear")
+    ap.add_argument("--log", type=Path, help="write the printed lines here too")
+    ap.add_argument("--sweep-log", type=Path, help="write every sweep timing here")
+    args = ap.parse_args()
+    global LOG_PATH, ALL_PATH
+    LOG_PATH = args.log
+    ALL_PATH = args.sweep_log or "/dev/null"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    t0 = time.time()
+    name, sms = device_info(torch.device("cuda"))
+    out(f"device: {name}, {sms} SMs; torch {torch.__version__}, triton {triton.__version__}; "
+        f"group_size {GROUP_SIZE}, symmetric; bf16 activations")
+    best = {}  # (shape, T) -> {"gate_up": cfg, "down": cfg}; used by the MoE table when --sweep ran
+    if args.sweep:
+        out("| sweep | shape | bits | T | gemm | floor | best 3 (config time) |")
+        for shape in args.shapes:
+            run_sweep(shape, args.tokens, 4, gen, best)
+            out(f"  ({time.time() - t0:.0f}s)")
+    if best:
+        out("TUNED entries for triton_kernels/configs.py (int4, this device):")
+        for line in tuned_literal(best, name):
+            out(line)
+    if not args.no_moe:
+        out("| shape | bits | T | hit | fused us (graph) | fused us (eager) | bf16 loop us | GB/s | TFLOP/s "
+            "| floor us | time/floor | x bf16 | rel err | configs gate_up / down |")
+        out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        cache = {}
+        for shape in args.shapes:
+            run_shape(shape, args.tokens, args.bits, gen, cache, best)
+            out(f"  ({time.time() - t0:.0f}s)")
+    if args.dense:
+        out("| dense | bits | NxK | M | quant_linear us | bf16 F.linear us | floor us | time/floor | x bf16 | rel err |")
+        for bits in args.bits:
+            run_dense(bits, gen)
+
+
+if __name__ == "__main__":
+    main()
