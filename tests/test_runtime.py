@@ -2,13 +2,15 @@
 dequantized reference modules. fp16 activations: the interpreter has no native bf16 (see
 tests/triton_kernels/conftest.py); the GPU runs of scripts/bench_model.py cover bf16."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import moeq
 from moeq.runtime import KernelExperts, KernelLinear
 
-from conftest import EXAMPLES
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
