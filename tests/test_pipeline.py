@@ -125,3 +125,14 @@ def test_hessian_accumulator_is_the_routed_one():
     x = torch.eye(3)
     h.add(x, torch.tensor([0, 1, 2]), torch.tensor([2, 2, 0]))
     assert h.counts.tolist() == [1, 0, 2, 0]
+
+
+def test_router_int8_when_the_recipe_asks():
+    plan, layer, acts, reader = _resident_layer(FIXTURES / "demo-mixtral", "mixtral",
+                                                ["rules.2.bits=8", "rules.2.group_size=-1"], tokens=(8, 128))
+    original = layer.mlp.gate.weight.clone()
+    results = _by_name(quantize_layer(layer, 0, [e for e in plan.entries if e.tensor.layer == 0], plan, acts))
+    router = results["model.layers.0.block_sparse_moe.gate.weight"]
+    assert router.method == "gptq" and router.quantized.fmt.bits == 8 and router.tokens == 8 * 128
+    assert torch.equal(layer.mlp.gate.weight, router.quantized.dequantize())  # the experts saw this router
+    assert 0 < (layer.mlp.gate.weight - original).abs().max() <= router.quantized.scales.float().max()
