@@ -116,7 +116,7 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     """A transformers model of the checkpoint at `path` that runs. On the CPU (and with kernels=False) it is
     the reference path: weights dequantized once at load time. On CUDA (kernels default True) quantized
     4/8-bit modules run on moeq's Triton kernels, repacked once here."""
-    from moeq.pipeline import build_skeleton
+    from moeq.pipeline import build_skeleton, load_layer
     from moeq.runtime import swap_in_kernels
     from moeq.shards import weight_slot
 
@@ -130,11 +130,7 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
                               f"this model has {inventory.config.hidden_act} and dtype {dtype}: pass kernels=False")
     model = build_skeleton(inventory.config, device, dtype)
     for i in range(inventory.num_layers):
-        state = checkpoint.layer_state(i)
-        layer = model.model.layers[i]
-        layer.load_state_dict(
-            {k: v.to(device, dtype if v.dtype in (torch.bfloat16, torch.float16) else v.dtype) for k, v in state.items()},
-            assign=True)
+        layer = load_layer(model, checkpoint, i, device, dtype)
         if kernels:
             swap_in_kernels(layer, inventory.layer_tensors(i), checkpoint.packed, lambda t: weight_slot(t, inventory),
                             inventory.num_experts, device)

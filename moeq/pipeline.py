@@ -86,6 +86,15 @@ def build_skeleton(config, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
+def load_layer(model, reader: ShardReader, i: int, device, dtype) -> torch.nn.Module:
+    """Materialise decoder layer i from disk into the skeleton: 16-bit weights in the compute dtype,
+    fp32 tensors (DeepSeek's routing bias) kept fp32; no gradients."""
+    layer = model.model.layers[i]
+    layer.load_state_dict({k: v.to(device, dtype if v.dtype in (torch.bfloat16, torch.float16) else v.dtype)
+                           for k, v in reader.layer_state(i).items()}, assign=True)
+    return layer.requires_grad_(False)
+
+
 def load_model_tensor(model, reader: ShardReader, plan: Plan, name: str, device, dtype) -> None:
     """Materialise one model-level tensor (embed, final norm, lm_head) from disk into the skeleton."""
     tensor = plan.inventory.by_name[name]

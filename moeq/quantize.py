@@ -22,7 +22,7 @@ from moeq.checkpoint import CheckpointWriter, gptq_checkpoint_format, quantizati
 from moeq.errors import MoeqError
 from moeq.evaluate import perplexity
 from moeq.pipeline import (LayerActivations, ModuleResult, build_skeleton, capture_layer_inputs,
-                           load_model_tensor, quantize_layer, quantize_lm_head, run_layer)
+                           load_layer, load_model_tensor, quantize_layer, quantize_lm_head, run_layer)
 from moeq.padding import pad_plan, pad_tensor, padded_config
 from moeq.plan import Plan
 from moeq.report import QuantizationReport, RoutingRecorder
@@ -119,11 +119,7 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
     layers = range(first_layer, inventory.num_layers)
     bar = tqdm(layers, desc="quantizing", unit="layer", dynamic_ncols=True)
     for i in bar:
-        layer = model.model.layers[i]
-        # 16-bit weights compute in `dtype`; fp32 tensors (DeepSeek's routing bias) stay fp32
-        layer.load_state_dict({k: v.to(device, dtype if v.dtype in (torch.bfloat16, torch.float16) else v.dtype)
-                               for k, v in reader.layer_state(i).items()}, assign=True)
-        layer.requires_grad_(False)
+        layer = load_layer(model, reader, i, device, dtype)
         routing_fp = None
         if eval_fp is not None:
             bar.set_postfix_str("eval (original)")
