@@ -182,37 +182,30 @@ def quantized_layers(plan: Plan) -> tuple[int, ...]:
                          and e.tensor.layer < plan.inventory.num_layers}))
 
 
-def run_trial(cache: ActivationCache, plan: Plan, name: str = "", evaluate: bool = True) -> TrialResult:
-    """Quantize `plan`'s decoder layers starting from the cached original inputs of its first one.
-
-    evaluate=False stops after the last quantized layer (no perplexity; ppl_after is NaN).
-    """
+def run_trial(cache: ActivationCache, plan: Plan, name: str = "") -> TrialResult:
+    """Quantize `plan`'s decoder layers starting from the cached original inputs of its first one, then
+    run the evaluation text through every later layer; perplexity and routing agreement against the cache."""
     started = time.perf_counter()
-    if evaluate and cache.eval[0] is None:
-        raise TrialError("this trial needs evaluation text: build the cache with an eval file")
+    if cache.eval[0] is None:
+        raise TrialError("a trial needs evaluation text: build the cache with an eval file")
     layers = quantized_layers(plan)
     if not layers:
         raise TrialError(f"trial {name or plan.recipe.name}: the plan quantizes no decoder-layer tensor")
-    num_layers = plan.inventory.num_layers
     calib, evals, probe = cache.calib[layers[0]], cache.eval[layers[0]], cache.probe[layers[0]]
     modules, agreement = [], {}
-    last = num_layers - 1 if evaluate else layers[-1]
-    for i in range(layers[0], last + 1):
+    for i in range(layers[0], plan.inventory.num_layers):
         layer = cache.load_layer(i)
         if i in layers:
             entries = [e for e in plan.entries if e.tensor.layer == i]
             results = quantize_layer(layer, i, entries, plan, calib)
             modules += [{k: v for k, v in r.__dict__.items() if k != "quantized"} for r in results]
-        if evaluate:
-            routing, evals = RoutingRecorder.record(layer, lambda: run_layer(layer, evals))
-            if routing is not None:
-                agreement[i] = RoutingRecorder.fraction(cache.routing[i], routing)
-            probe = run_layer(layer, probe) if probe is not None else None
-        if i < layers[-1]:
+        routing, evals = RoutingRecorder.record(layer, lambda: run_layer(layer, evals))
+        if routing is not None:
+            agreement[i] = RoutingRecorder.fraction(cache.routing[i], routing)
+        probe = run_layer(layer, probe) if probe is not None else None
+        if i < layers[-1]:  # calibration inputs are needed only up to the last quantized layer
             calib = run_layer(layer, calib)
         cache.release_layer(layer)
-    if not evaluate:
-        return TrialResult(name, layers, cache.ppl_before, math.nan, {}, modules, time.perf_counter() - started)
     return TrialResult(name, layers, cache.ppl_before, cache.eval_perplexity(evals), agreement, modules,
                        time.perf_counter() - started, cache.probe_nll(probe) if probe is not None else None)
 
