@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generate", action="store_true", help="skip the greedy generation check")
     p.set_defaults(func=cmd_quantize)
 
-    from moeq.inspect import add_cli as add_inspect_cli
+    from moeq import autorecipe, inspect, sensitivity, trial
 
-    add_inspect_cli(sub)
+    for module in (inspect, trial, sensitivity, autorecipe):
+        module.add_cli(sub)
     return parser
 
 

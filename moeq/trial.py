@@ -33,7 +33,7 @@ from moeq.errors import MoeqError
 from moeq.evaluate import perplexity
 from moeq.families import ROLES
 from moeq.inventory import ModelInventory
-from moeq.pipeline import (LayerActivations, build_skeleton, capture_layer_inputs, load_model_tensor,
+from moeq.pipeline import (LayerActivations, build_skeleton, capture_layer_inputs, load_layer, load_model_tensor,
                            quantize_layer, run_layer)
 from moeq.plan import Plan, make_plan
 from moeq.recipe import Recipe, build_recipe
@@ -160,11 +160,7 @@ class ActivationCache:
 
     def load_layer(self, i: int) -> torch.nn.Module:
         """Decoder layer i with its stored weights (16-bit weights in the compute dtype, fp32 kept fp32)."""
-        layer = self.model.model.layers[i]
-        layer.load_state_dict({k: v.to(self.device, self.dtype if v.dtype in (torch.bfloat16, torch.float16)
-                                        else v.dtype) for k, v in self.reader.layer_state(i).items()}, assign=True)
-        layer.requires_grad_(False)
-        return layer
+        return load_layer(self.model, self.reader, i, self.device, self.dtype)
 
     @staticmethod
     def release_layer(layer: torch.nn.Module) -> None:
