@@ -237,7 +237,7 @@ def write_recipe(choice: Choice, sensitivity: Sensitivity, family: str, path: Pa
         f"calibration text)",
         f"# optimality: greedy on convex hulls; no recipe from these candidates within the budget can predict "
         f"less than {choice.bound:.4g} (LP bound; gap {choice.cost - choice.bound:.2g})",
-        f"# cost = alpha[layer] x block output error; alpha per layer: "
+        "# cost = alpha[layer] x block output error; alpha per layer: "
         + ", ".join(f"L{k} {v:.3g}" for k, v in sorted(sensitivity.alpha.items())),
         "# each comment: unit (params): option bits/weight predicted-dNLL; * = chosen",
         "",

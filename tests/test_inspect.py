@@ -169,7 +169,7 @@ def test_every_problem_is_reported_not_just_the_first(quantized, tmp_path):
     weight_map["model.layers.0.block_sparse_moe.experts.8.w1.weight"] = shard
     save_file(tensors, str(broken / shard))
     # 4. a whole shard missing
-    lost = weight_map[f"model.layers.2.self_attn.q_proj.qweight"]
+    lost = weight_map["model.layers.2.self_attn.q_proj.qweight"]
     (broken / lost).unlink()
     _edit_json(index_path, lambda index: index.update(weight_map=weight_map))
 

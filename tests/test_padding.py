@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from moeq.inventory import inventory_from_checkpoint, inventory_from_config
 from moeq.padding import PaddingError, pad_plan, pad_target, pad_tensor, padded_config
-from moeq.quant_format import QuantFormat, QuantizedTensor, rtn
+from moeq.quant_format import QuantFormat, rtn
 
 from conftest import DATA, FIXTURES, TINY_CONFIGS
 
