@@ -41,14 +41,11 @@ class AutorecipeError(MoeqError):
 
 
 def budget_bits(plan: Plan) -> float:
-    """Average stored bits per weight over the plan's decided weights (see the module docstring)."""
-    inventory = plan.inventory
-    entries = [e for e in plan.entries if e.tensor.quantizable and e.tensor.layer is not None
-               and e.tensor.layer < inventory.num_layers and e.tensor.role in DECIDED_ROLES]
-    params = sum(e.tensor.numel for e in entries)
-    if not params:
-        raise AutorecipeError(f"{inventory.model_dir}: no decoder-layer linear weight to budget")
-    return sum(e.tensor.numel * e.bits_per_weight for e in entries) / params
+    """Average stored bits per weight over the decoder layers' linear weights (see the module docstring):
+    the figure `moeq plan` prints as the autorecipe budget."""
+    if not any(e.tensor.quantizable and e.tensor.layer is not None for e in plan.entries):
+        raise AutorecipeError(f"{plan.inventory.model_dir}: no decoder-layer linear weight to budget")
+    return plan.totals()["avg_bits_layers"]
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class Plan:
         in_model = [e for e in self.entries if e.tensor.layer is None or e.tensor.layer < num_layers]
         quantized = [e for e in self.entries if e.scheme is not None]
         linear = [e for e in in_model if e.tensor.quantizable]
+        layer_linear = [e for e in linear if e.tensor.layer is not None]
         params = sum(e.tensor.numel for e in self.entries)
         bits = sum(e.tensor.numel * e.bits_per_weight for e in self.entries)
         linear_params = sum(e.tensor.numel for e in linear)
@@ -63,6 +64,9 @@ class Plan:
             "quantized_params": sum(e.tensor.numel for e in quantized),
             "avg_bits": bits / params,
             "avg_bits_linear": sum(e.tensor.numel * e.bits_per_weight for e in linear) / max(linear_params, 1),
+            # what `moeq autorecipe --budget` counts: decoder-layer linear weights (no embed / lm_head)
+            "avg_bits_layers": sum(e.tensor.numel * e.bits_per_weight for e in layer_linear)
+            / max(sum(e.tensor.numel for e in layer_linear), 1),
             "bytes": bits / 8,
             "bf16_bytes": params * 2,
         }
@@ -197,7 +201,8 @@ def render_plan(plan: Plan) -> str:
         f"params: {_fmt_count(t['params'])}"
         + (f" ({_fmt_count(t['model_params'])} loaded by transformers)" if t["model_params"] != t["params"] else "")
         + f", quantized {_fmt_count(t['quantized_params'])} ({100 * t['quantized_params'] / t['params']:.1f}%)",
-        f"average bits/weight: {t['avg_bits']:.2f} over the checkpoint, {t['avg_bits_linear']:.2f} over linear weights",
+        f"average bits/weight: {t['avg_bits']:.2f} over the checkpoint, {t['avg_bits_linear']:.2f} over linear weights, "
+        f"{t['avg_bits_layers']:.2f} over decoder-layer linear weights (the autorecipe budget)",
         f"size: {_fmt_bytes(t['bytes'])} vs {_fmt_bytes(t['bf16_bytes'])} in bf16 ({t['bytes'] / t['bf16_bytes']:.2f}x)",
     ]
     lines += [f"warning: {w}" for w in plan.warnings]
