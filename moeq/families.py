@@ -38,9 +38,6 @@ ROLES = (
     "mtp",            # DeepSeek-V3 multi-token-prediction layers (past num_hidden_layers): kept as stored
 )
 
-LAYER_KINDS = ("all", "moe", "dense")
-
-
 @dataclass(frozen=True)
 class TensorRule:
     """One tensor of a decoder layer (template relative to `model.layers.{i}.`) or of the model."""
