@@ -24,7 +24,6 @@ PACKED = {  # quant_method -> (format module, tensor suffixes of a packed module
     "compressed-tensors": (compressed_tensors, ("weight_packed", "weight_scale", "weight_shape",
                                                 "weight_zero_point")),
 }
-_SAFETENSORS_TORCH = {"I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, **TORCH_DTYPES}
 
 
 class StoredCheckpoint(ShardReader):
@@ -80,7 +79,8 @@ class StoredCheckpoint(ShardReader):
         if scheme is None:
             return None
         _, suffixes = PACKED[self.method]
-        parts = {s: self._read_raw(f"{tensor.module}.{s}") for s in suffixes if f"{tensor.module}.{s}" in self.weight_map}
+        names = {s: f"{tensor.module}.{s}" for s in suffixes if f"{tensor.module}.{s}" in self.weight_map}
+        parts = {s: self.read_stored(self.weight_map[name], name) for s, name in names.items()}
         extra = {"checkpoint_format": self.checkpoint_format} if self.method == "gptq" else {}
         try:
             q, scales, zeros = self.format_module.unpack(parts, scheme.bits, scheme.group_size, scheme.sym, **extra)
@@ -102,14 +102,6 @@ class StoredCheckpoint(ShardReader):
         if quantized is None:
             return super().read(tensor)
         return quantized.dequantize().to(TORCH_DTYPES[tensor.dtype])
-
-    def _read_raw(self, name: str) -> torch.Tensor:
-        shard = self.weight_map[name]
-        if shard not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
-        return self._handles[shard].get_tensor(name)
 
 
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, kernels: bool | None = None):

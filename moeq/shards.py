@@ -65,16 +65,21 @@ class ShardReader:
         self._handles: dict[str, object] = {}
 
     def read(self, tensor: TensorInfo) -> torch.Tensor:
-        path = Path(self.inventory.model_dir) / tensor.shard
-        if tensor.shard not in self._handles:
-            self._handles[tensor.shard] = safe_open(str(path), framework="pt")
-        try:
-            value = self._handles[tensor.shard].get_tensor(tensor.name)
-        except Exception as err:  # safetensors raises its own error types for bad data
-            raise CheckpointError(f"{path}: cannot read tensor {tensor.name} ({err})") from None
-        if not torch.isfinite(value.float()).all():
-            raise CheckpointError(f"{path}: tensor {tensor.name} holds NaN or inf; the checkpoint is corrupt")
+        value = self.read_stored(tensor.shard, tensor.name)
+        if value.is_floating_point() and not torch.isfinite(value.float()).all():
+            raise CheckpointError(f"{Path(self.inventory.model_dir) / tensor.shard}: tensor {tensor.name} holds "
+                                  "NaN or inf; the checkpoint is corrupt")
         return value
+
+    def read_stored(self, shard: str, name: str) -> torch.Tensor:
+        """Tensor `name` of file `shard` exactly as stored."""
+        path = Path(self.inventory.model_dir) / shard
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(path), framework="pt")
+        try:
+            return self._handles[shard].get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for bad data
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({err})") from None
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """The decoder layer's state dict under transformers' in-memory names (experts fused)."""
@@ -89,7 +94,7 @@ class ShardReader:
                 fused.setdefault(slot.param, []).append((slot, value))
         for param, parts in fused.items():
             first = parts[0][1]
-            rows = sum(1 for s, _ in parts if s.expert == parts[0][0].expert)
+            rows = 1 if parts[0][0].rows is None else 2  # gate_up_proj stacks gate and up rows
             shape = (self.inventory.num_experts, first.shape[0] * rows, first.shape[1])
             stacked = torch.empty(shape, dtype=first.dtype)
             for slot, value in parts:

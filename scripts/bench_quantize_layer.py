@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moeq.inventory import inventory_from_config
-from moeq.pipeline import build_skeleton, capture_layer_inputs, quantize_layer, run_layer
+from moeq.pipeline import build_skeleton, capture_layer_inputs, compute_dtype, quantize_layer, run_layer
 from moeq.plan import make_plan
 from moeq.recipe import load_recipe
 
@@ -43,7 +43,7 @@ def bench(shape: str, device: torch.device, samples: int, seq_len: int, batch: i
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         inventory = inventory_from_config(Path(tmp) / "config.json")
     plan = make_plan(inventory, load_recipe("uniform-int4"))
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = compute_dtype(device)
     model = build_skeleton(inventory.config, device, dtype)
     torch.manual_seed(0)
     model.model.embed_tokens.to_empty(device=device)
