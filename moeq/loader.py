@@ -108,13 +108,13 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     """A transformers model of the checkpoint at `path` that runs. On the CPU (and with kernels=False) it is
     the reference path: weights dequantized once at load time. On CUDA (kernels default True) quantized
     4/8-bit modules run on moeq's Triton kernels, repacked once here."""
-    from moeq.pipeline import build_skeleton, load_layer
+    from moeq.pipeline import build_skeleton, compute_dtype, load_layer
     from moeq.runtime import swap_in_kernels
     from moeq.shards import weight_slot
 
     checkpoint = StoredCheckpoint(path)
     device = torch.device(device)
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = dtype or compute_dtype(device)
     kernels = device.type == "cuda" if kernels is None else kernels
     inventory = checkpoint.inventory
     if kernels and (inventory.config.hidden_act != "silu" or dtype not in (torch.bfloat16, torch.float16)):

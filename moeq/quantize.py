@@ -21,7 +21,7 @@ from moeq.calibration import calibration_windows, coverage_advice, evaluation_wi
 from moeq.checkpoint import CheckpointWriter, gptq_checkpoint_format, quantization_config, stored_tensors
 from moeq.errors import MoeqError
 from moeq.evaluate import perplexity
-from moeq.pipeline import (LayerActivations, ModuleResult, build_skeleton, capture_layer_inputs,
+from moeq.pipeline import (LayerActivations, ModuleResult, build_skeleton, capture_layer_inputs, compute_dtype,
                            load_layer, load_model_tensor, quantize_layer, quantize_lm_head, run_layer)
 from moeq.padding import pad_plan, pad_tensor, padded_config
 from moeq.plan import Plan
@@ -72,7 +72,7 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
     device = resolve_device(config.device)
     padding = (pad_plan(inventory, config.pad_intermediate_to, {e.tensor.name: e.scheme for e in plan.entries})
                if config.pad_intermediate_to else None)  # errors before any compute
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # bf16 matmuls are slow on CPUs
+    dtype = compute_dtype(device)
     started = time.perf_counter()
 
     from transformers import AutoTokenizer

@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from moeq.calibration import calibration_windows, evaluation_windows, read_token_stream
+from moeq.cli import add_calibration_args
 from moeq.errors import MoeqError
 from moeq.evaluate import perplexity
 from moeq.families import ROLES
 from moeq.inventory import ModelInventory
-from moeq.pipeline import (LayerActivations, build_skeleton, capture_layer_inputs, load_layer, load_model_tensor,
-                           quantize_layer, run_layer)
+from moeq.pipeline import (LayerActivations, build_skeleton, capture_layer_inputs, compute_dtype, load_layer,
+                           load_model_tensor, quantize_layer, run_layer)
 from moeq.plan import Plan, make_plan
 from moeq.recipe import Recipe, build_recipe
 from moeq.report import RoutingRecorder
@@ -105,7 +106,7 @@ class ActivationCache:
             raise TrialError(f"--eval {config.eval} is the calibration text; evaluate on text calibration never saw")
         self.inventory, self.config = inventory, config
         self.device = resolve_device(config.device)
-        self.dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.dtype = compute_dtype(self.device)
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(inventory.model_dir)
         calib_stream = read_token_stream(config.calib, tokenizer, config.text_field)
@@ -339,13 +340,7 @@ def add_run_args(p: argparse.ArgumentParser, eval_required: bool = True) -> None
                    help="override a recipe key by dotted path")
     p.add_argument("--calib", required=True, help="calibration text (.txt, .jsonl, .pt)")
     p.add_argument("--eval", required=eval_required, help="evaluation text (never the calibration text)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
-    p.add_argument("--eval-windows", type=int, default=64, help="evaluation windows (default 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
+    add_calibration_args(p)
 
 
 def config_from_args(args, **changes) -> TrialConfig:
