@@ -11,18 +11,22 @@ import torch
 PROMPTS = ("The kernel", "def main(", "In Python, a list")
 
 
-def perplexity(final_hidden: list[torch.Tensor], token_batches: list[torch.Tensor], norm, lm_head) -> float:
-    """exp(mean next-token NLL) over every window; final_hidden[i]: [B, L, H] before the final norm."""
+def _perplexity(logits_and_ids) -> float:
+    """exp(mean next-token NLL) over (logits [B, L, V], ids [B, L]) batches."""
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
-        for hidden, ids in zip(final_hidden, token_batches):
-            logits = lm_head(norm(hidden)).float()                      # [B, L, V]
+        for logits, ids in logits_and_ids:
+            logits = logits.float()
             labels = ids.to(logits.device)[:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
-            total_nll += float(nll)
+            total_nll += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"))
             total_tokens += labels.numel()
     return math.exp(total_nll / total_tokens)
+
+
+def perplexity(final_hidden: list[torch.Tensor], token_batches: list[torch.Tensor], norm, lm_head) -> float:
+    """exp(mean next-token NLL) over every window; final_hidden[i]: [B, L, H] before the final norm."""
+    return _perplexity((lm_head(norm(hidden)), ids) for hidden, ids in zip(final_hidden, token_batches))
 
 
 @dataclass(frozen=True)
@@ -67,13 +71,5 @@ def load_for_generation(path, device: str = "auto"):
 
 def model_perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
     """exp(mean next-token NLL) of a whole model over token windows [n, L] (the same measure as `perplexity`)."""
-    total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
-    with torch.no_grad():
-        for ids in windows.split(batch_size):
-            ids = ids.to(device)
-            logits = model(input_ids=ids).logits.float()
-            total_nll += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-            total_tokens += ids[:, 1:].numel()
-    return math.exp(total_nll / total_tokens)
+    return _perplexity((model(input_ids=ids.to(device)).logits, ids) for ids in windows.split(batch_size))
