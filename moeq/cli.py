@@ -19,6 +19,18 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["vllm"], help="make recipes vLLM could not serve an error")
 
 
+def add_calibration_args(p: argparse.ArgumentParser, calib_samples: int = 128) -> None:
+    """How calibration and evaluation text is windowed and run: shared by quantize, trial and sensitivity."""
+    p.add_argument("--calib-samples", type=int, default=calib_samples,
+                   help=f"calibration windows (default {calib_samples})")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    p.add_argument("--eval-windows", type=int, default=64, help="evaluation windows (default 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
+
+
 def _plan_for(model: str, recipe: str | None, overrides: list[str], target: str | None, config_only: bool):
     from moeq.inventory import inventory_from_checkpoint, inventory_from_config
     from moeq.plan import make_plan
@@ -84,13 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", required=True, help="calibration text: .txt, .jsonl (text field) or pre-tokenized .pt")
     p.add_argument("--eval", help="evaluation text for perplexity before/after (never the calibration text)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
-    p.add_argument("--eval-windows", type=int, default=64, help="evaluation windows (default 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
+    add_calibration_args(p)
     p.add_argument("--resume", action="store_true", help="continue a killed run from OUT.partial")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="gptq",

@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moeq.cli import add_calibration_args
 from moeq.errors import MoeqError
 from moeq.inventory import ModelInventory
 from moeq.pipeline import LayerActivations, quantize_layer, run_layer
@@ -378,15 +379,9 @@ def add_measure_args(p, required: bool = True) -> None:
     p.add_argument("--eval", help="evaluation text: with --validate, measure every unit trial's perplexity")
     p.add_argument("--validate", action="store_true", help="also measure the perplexity of every unit trial "
                    "on --eval (slow: runs the rest of the model each time)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    add_calibration_args(p, calib_samples=32)
     p.add_argument("--probe-windows", type=int, default=16,
                    help="held-out calibration windows (seed + 1) whose NLL scales each layer's cost (default 16)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
-    p.add_argument("--eval-windows", type=int, default=64, help="evaluation windows for --validate (default 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
     p.add_argument("--candidates", default=DEFAULT_CANDIDATES_SPEC,
                    help=f"candidate precisions BITS:GROUP[:asym][:clip] over the recipe's defaults (default "
                         f"{DEFAULT_CANDIDATES_SPEC}; kept is always one)")
