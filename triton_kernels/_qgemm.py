@@ -11,7 +11,7 @@ fp32 partial sums with atomics: that keeps HBM busy when there are few output ti
 import triton
 import triton.language as tl
 
-from .packing import load_dequant_tile
+from .packing import half_k_offsets, unpack_half, unpack_offset
 
 EPILOGUE_STORE = 0  # C = acc (+ bias); fp32 atomics when SPLIT_K > 1
 EPILOGUE_SILU_MUL = 1  # W rows interleaved gate/up: C[:, n // 2] = silu(acc[:, n]) * acc[:, n + 1]
@@ -28,12 +28,24 @@ def _qgemm_kernel(
     # strides (the last dimension of every tensor is contiguous)
     stride_am, stride_we, stride_wn, stride_se, stride_sg, stride_cm,
     # constexpr
-    BITS: tl.constexpr, GROUP_K: tl.constexpr, GROUP_TILE: tl.constexpr,
-    EPILOGUE: tl.constexpr,
+    BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, USE_ASM: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
-    # A: [*, K] fp16/bf16   W: packed [E, N, Kp/P]   C: [*, N] (or [*, N/2] for SILU_MUL)
+    # A: [*, K] fp16/bf16   W: packed bytes [E, N, Kp*bits/8]   C: [*, N] (or [*, N/2] for SILU_MUL)
+    # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset
+    # Each K tile is split into byte halves h (int4 nibbles; int8 has one), each an MMA of its own;
+    # unpack_half gives OFFSET + q with elementwise ops only.
+    # SWAP_AB (decode) computes acc^T = W . A^T: the weight tile is the wgmma A operand, fed from
+    # registers, and the few token rows are its N (>= 16). The integers go into the MMA as they are,
+    # P = (OFFSET + q) . a, and once per group acc += s * (P - (OFFSET + z) * sum_k a): zero point and
+    # offset come off through the activations' row sums and the scale is applied in fp32, so a
+    # weight costs a mask and an OR. Otherwise (many rows) each weight is dequantized,
+    # W = DT(DT(OFFSET + q - (OFFSET + z)) * DT(s)), and shared by BLOCK_M rows of one accumulator.
+    DT: tl.constexpr = a_ptr.dtype.element_ty
+    HALVES: tl.constexpr = 8 // BITS
+    KB: tl.constexpr = BLOCK_K * BITS // 8  # bytes of a row of the weight tile
+    PER_CHANNEL: tl.constexpr = GROUP_K == 0
     pid = tl.program_id(0)
     pid_k = pid % SPLIT_K
     pid_mn = pid // SPLIT_K
@@ -58,25 +70,50 @@ def _qgemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (rows // a_div).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-    w_base = w_ptr + expert * stride_we
-    s_base = s_ptr + expert * stride_se
-    z_base = z_ptr + expert * stride_se
+    a_rows = a_ptr + (rows // a_div).to(tl.int64)[:, None] * stride_am
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + tl.arange(0, KB)[None, :]
+    s_ptrs = s_ptr + expert * stride_se + offs_n
+    z_ptrs = z_ptr + expert * stride_se + offs_n
 
     k_tiles = K_PADDED // BLOCK_K
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     kt_lo = pid_k * per_split
     kt_hi = min(kt_lo + per_split, k_tiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PER_CHANNEL:
+        s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+        zo = tl.load(z_ptrs, mask=n_mask, other=0).to(tl.float32) + OFFSET
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        asum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
-        a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-        w = load_dequant_tile(
-            w_base, s_base, z_base, offs_n, n_mask, k0, stride_wn, stride_sg,
-            BITS, GROUP_K, GROUP_TILE, BLOCK_K, BLOCK_N, a_ptr.dtype.element_ty, USE_ASM,
-        )  # [BLOCK_N, BLOCK_K]
-        acc = tl.dot(a, tl.trans(w), acc)
+        raw = tl.load(w_ptrs + k0 * BITS // 8, mask=n_mask[:, None], other=0)  # [BLOCK_N, KB] bytes
+        for h in tl.static_range(HALVES):
+            ak = half_k_offsets(k0, BITS, h, BLOCK_K)
+            a = tl.load(a_rows + ak[None, :], mask=row_mask[:, None] & (ak[None, :] < K), other=0.0)
+            w = unpack_half(raw, h, BITS, DT)  # [BLOCK_N, KB]: OFFSET + q
+            # a half lies in one group (block_k_for() sizes BLOCK_K so); SWAP_AB closes it at its end
+            if (not PER_CHANNEL) and ((h == HALVES - 1) or (GROUP_K < BLOCK_K) or (not SWAP_AB)):
+                g = (k0 + h * 32) // GROUP_K
+                s = tl.load(s_ptrs + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
+                zo = tl.load(z_ptrs + g * stride_sg, mask=n_mask, other=0).to(tl.float32) + OFFSET
+            if SWAP_AB:
+                part = tl.dot(w, tl.trans(a), part)
+                asum += tl.sum(a.to(tl.float32), axis=1)
+                if (not PER_CHANNEL) and ((h == HALVES - 1) or (GROUP_K < BLOCK_K)):
+                    acc += s[:, None] * (part - zo[:, None] * asum[None, :])
+                    part = tl.zeros_like(part)
+                    asum = tl.zeros_like(asum)
+            else:
+                w = (w - zo.to(DT)[:, None]) * s.to(DT)[:, None]  # exact difference, one rounding
+                acc = tl.dot(a, tl.trans(w), acc)
+    if SWAP_AB:
+        if PER_CHANNEL:
+            acc = s[:, None] * (part - zo[:, None] * asum[None, :])
+        acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
 
     c_rows = (rows // c_div).to(tl.int64)
     if EPILOGUE == 1:
@@ -100,20 +137,26 @@ def _qgemm_kernel(
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def group_tile(group_size: int, k_padded: int, per_channel: bool, block_k: int) -> tuple[int, int, int]:
-    """(GROUP_K, GROUP_TILE, BLOCK_K): shrink BLOCK_K until a tile holds whole groups or lies in one.
-    A group tile holds whole word pairs (16 k for int4), so group sizes are powers of two >= 16."""
+def block_k_for(group_size: int, per_channel: bool, bits: int, block_k: int) -> int:
+    """BLOCK_K such that each byte half of a K tile lies in one quantization group.
+
+    An int4 tile is whole 64-k chunks of the layout, whose halves cover 32 of every 64 k: so
+    64 <= BLOCK_K <= group_size, or 64 for groups of 32 (each half is then one group). int8 tiles
+    need BLOCK_K <= group_size.
+    """
+    min_k = 64 if bits == 4 else 16
     if per_channel:
-        return k_padded, block_k, block_k
-    if group_size < 16:
-        raise ValueError(f"group_size must be >= 16 for the GEMM kernels, got {group_size}")
-    return group_size, min(group_size, block_k), block_k
+        return max(block_k, min_k)
+    if group_size < 32 or group_size & (group_size - 1):
+        raise ValueError(f"the GEMM kernels need a power-of-two group_size >= 32, got {group_size}")
+    return max(min(block_k, group_size), min_k)
 
 
 def launch(a, w, c, cfg, *, num_rows, num_m_blocks, epilogue, a_div=1, c_div=1,
            bias=None, topk_weights=None, routing=None):
     """Launch _qgemm_kernel over num_m_blocks x N tiles x SPLIT_K; checks are the callers' job."""
-    group_k, gtile, block_k = group_tile(w.group_size, w.k_padded, w.per_channel, cfg.block_k)
+    block_k = block_k_for(w.group_size, w.per_channel, w.bits, cfg.block_k)
+    group_k = 0 if w.per_channel else w.group_size
     grid = (num_m_blocks * triton.cdiv(w.n, cfg.block_n) * cfg.split_k,)
     sorted_ids, block_expert, num_padded = routing if routing is not None else (None, None, None)
     _qgemm_kernel[grid](
@@ -122,8 +165,7 @@ def launch(a, w, c, cfg, *, num_rows, num_m_blocks, epilogue, a_div=1, c_div=1,
         w.n, w.k, w.k_padded, num_rows, num_m_blocks, a_div, c_div,
         a.stride(0), w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), w.scales.stride(1),
         c.stride(0),
-        BITS=w.bits, GROUP_K=group_k, GROUP_TILE=gtile, EPILOGUE=epilogue,
+        BITS=w.bits, GROUP_K=group_k, OFFSET=unpack_offset(w.bits, a.dtype), EPILOGUE=epilogue,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-        USE_ASM=a.is_cuda,  # the interpreter (CPU tensors) cannot run inline PTX
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SWAP_AB=cfg.swap_ab, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

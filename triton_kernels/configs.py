@@ -17,10 +17,11 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
+    swap_ab: bool = False  # compute (W A^T)^T: weights as the register operand, tokens as MMA N
 
 
-def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4):
-    return GemmConfig(bm, bn, bk, sk, gm, w, s)
+def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False):
+    return GemmConfig(bm, bn, bk, sk, gm, w, s, swap)
 
 
 # Filled from scripts/bench_kernels.py runs; see benchmarks/kernels.md for the numbers behind them.
@@ -36,15 +37,14 @@ def default_config(E: int, N: int, K: int, bits: int, num_tokens: int, top_k: in
     pairs = max(num_tokens * top_k, 1)
     hit = min(E, pairs)
     rows = pairs / hit  # average rows per hit expert
-    # BLOCK_M 64 even for one row: Hopper's wgmma takes 64 rows, and the dequantized weight tile
-    # is stored once to shared memory for it (the m16n8k16 path for BLOCK_M 16 needs many more
-    # register shuffles per weight); the idle rows cost only zero-filled shared memory.
+    # Few rows per expert: swap A and B so the weights are the register operand of the MMA and the
+    # tokens its N (16 or 32); many rows: dequantize into a shared tile reused by BLOCK_M rows.
     if rows <= 32:
-        cfg = _c(64, 128, 128 if bits == 4 else 64, w=4, s=4)
+        cfg = _c(16 if rows <= 16 else 32, 128, 128, w=4, s=4, swap=True)
     elif rows <= 96:
         cfg = _c(64, 128, 64, w=4, s=4)
     else:
-        cfg = _c(128, 256 if bits == 4 else 128, 64, w=8, s=3)
+        cfg = _c(128, 128, 64, w=8, s=3)
     if splittable:
         m_blocks = hit * max(1, -(-int(rows) // cfg.block_m))
         tiles = m_blocks * -(-N // cfg.block_n)
