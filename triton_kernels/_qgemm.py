@@ -19,6 +19,26 @@ EPILOGUE_WEIGHTED_SUM = 2  # C[token] += topk_weight[pair] * acc  (fp32 atomics;
 
 
 @triton.jit
+def _mma(a, w, acc, SWAP_AB: tl.constexpr):
+    # a [BLOCK_M, k], w [BLOCK_N, k] -> acc + (w a^T if SWAP_AB else a w^T)
+    if SWAP_AB:
+        out = tl.dot(w, tl.trans(a), acc)
+    else:
+        out = tl.dot(a, tl.trans(w), acc)
+    return out
+
+
+@triton.jit
+def _close_group(part, asum, s, zo, SWAP_AB: tl.constexpr):
+    # the group's contribution s * (P - (OFFSET + z) * sum_k a); s, zo [BLOCK_N], asum [BLOCK_M]
+    if SWAP_AB:
+        out = s[:, None] * (part - zo[:, None] * asum[None, :])
+    else:
+        out = s[None, :] * (part - asum[:, None] * zo[None, :])
+    return out
+
+
+@triton.jit
 def _qgemm_kernel(
     # pointers
     a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, bias_ptr, topk_w_ptr,
@@ -30,18 +50,18 @@ def _qgemm_kernel(
     # constexpr
     BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, INT_MMA: tl.constexpr,
 ):
     # A: [*, K] fp16/bf16   W: packed bytes [E, N, Kp*bits/8]   C: [*, N] (or [*, N/2] for SILU_MUL)
     # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset
     # Each K tile is split into byte halves h (int4 nibbles; int8 has one), each an MMA of its own;
     # unpack_half gives OFFSET + q with elementwise ops only.
     # SWAP_AB (decode) computes acc^T = W . A^T: the weight tile is the wgmma A operand, fed from
-    # registers, and the few token rows are its N (>= 16). The integers go into the MMA as they are,
-    # P = (OFFSET + q) . a, and once per group acc += s * (P - (OFFSET + z) * sum_k a): zero point and
-    # offset come off through the activations' row sums and the scale is applied in fp32, so a
-    # weight costs a mask and an OR. Otherwise (many rows) each weight is dequantized,
-    # W = DT(DT(OFFSET + q - (OFFSET + z)) * DT(s)), and shared by BLOCK_M rows of one accumulator.
+    # registers, and the few token rows are its N (>= 16).
+    # INT_MMA: the integers go into the MMA as they are, P = (OFFSET + q) . a, and once per group
+    # acc += s * (P - (OFFSET + z) * sum_k a): zero point and offset come off through the
+    # activations' row sums and the scale is applied in fp32, so a weight costs a mask and an OR.
+    # Otherwise each weight is dequantized, W = DT(DT(OFFSET + q - (OFFSET + z)) * DT(s)).
     DT: tl.constexpr = a_ptr.dtype.element_ty
     HALVES: tl.constexpr = 8 // BITS
     KB: tl.constexpr = BLOCK_K * BITS // 8  # bytes of a row of the weight tile
@@ -82,12 +102,13 @@ def _qgemm_kernel(
     if PER_CHANNEL:
         s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
         zo = tl.load(z_ptrs, mask=n_mask, other=0).to(tl.float32) + OFFSET
+    # acc (and part, the open group of INT_MMA) is [BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        asum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    part = tl.zeros_like(acc)
+    asum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
         raw = tl.load(w_ptrs + k0 * BITS // 8, mask=n_mask[:, None], other=0)  # [BLOCK_N, KB] bytes
@@ -95,24 +116,24 @@ def _qgemm_kernel(
             ak = half_k_offsets(k0, BITS, h, BLOCK_K)
             a = tl.load(a_rows + ak[None, :], mask=row_mask[:, None] & (ak[None, :] < K), other=0.0)
             w = unpack_half(raw, h, BITS, DT)  # [BLOCK_N, KB]: OFFSET + q
-            # a half lies in one group (block_k_for() sizes BLOCK_K so); SWAP_AB closes it at its end
-            if (not PER_CHANNEL) and ((h == HALVES - 1) or (GROUP_K < BLOCK_K) or (not SWAP_AB)):
+            # a half lies in one group (block_k_for() sizes BLOCK_K so); INT_MMA closes it at its end
+            if (not PER_CHANNEL) and ((h == HALVES - 1) or (GROUP_K < BLOCK_K) or (not INT_MMA)):
                 g = (k0 + h * 32) // GROUP_K
                 s = tl.load(s_ptrs + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
                 zo = tl.load(z_ptrs + g * stride_sg, mask=n_mask, other=0).to(tl.float32) + OFFSET
-            if SWAP_AB:
-                part = tl.dot(w, tl.trans(a), part)
+            if INT_MMA:
+                part = _mma(a, w, part, SWAP_AB)
                 asum += tl.sum(a.to(tl.float32), axis=1)
                 if (not PER_CHANNEL) and ((h == HALVES - 1) or (GROUP_K < BLOCK_K)):
-                    acc += s[:, None] * (part - zo[:, None] * asum[None, :])
+                    acc += _close_group(part, asum, s, zo, SWAP_AB)
                     part = tl.zeros_like(part)
                     asum = tl.zeros_like(asum)
             else:
                 w = (w - zo.to(DT)[:, None]) * s.to(DT)[:, None]  # exact difference, one rounding
-                acc = tl.dot(a, tl.trans(w), acc)
+                acc = _mma(a, w, acc, SWAP_AB)
+    if INT_MMA and PER_CHANNEL:
+        acc = _close_group(part, asum, s, zo, SWAP_AB)
     if SWAP_AB:
-        if PER_CHANNEL:
-            acc = s[:, None] * (part - zo[:, None] * asum[None, :])
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
 
     c_rows = (rows // c_div).to(tl.int64)
@@ -167,5 +188,5 @@ def launch(a, w, c, cfg, *, num_rows, num_m_blocks, epilogue, a_div=1, c_div=1,
         c.stride(0),
         BITS=w.bits, GROUP_K=group_k, OFFSET=unpack_offset(w.bits, a.dtype), EPILOGUE=epilogue,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-        SWAP_AB=cfg.swap_ab, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -59,7 +59,9 @@ def test_matches_twin(T, H, I, E, k, bits, group_size, sym, dtype, device):
     [
         (GemmConfig(16, 32, 64), GemmConfig(16, 32, 64, split_k=2)),
         (GemmConfig(32, 64, 128, group_m=2), GemmConfig(16, 64, 32, split_k=4)),  # different BLOCK_M
-        (GemmConfig(16, 64, 64, swap_ab=True), GemmConfig(32, 64, 128, split_k=3, swap_ab=True)),
+        (GemmConfig(16, 64, 64, swap_ab=True, int_mma=True), GemmConfig(32, 64, 128, split_k=3, swap_ab=True,
+                                                                          int_mma=True)),
+        (GemmConfig(32, 64, 64, int_mma=True), GemmConfig(16, 32, 128, split_k=2, swap_ab=True)),  # the other two
     ],
 )
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (4, PER_CHANNEL)])

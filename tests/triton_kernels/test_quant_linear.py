@@ -21,7 +21,10 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
         ((33,), 96, 256, 4, 128, False, torch.float16, False, GemmConfig(32, 32, 64)),
         ((3,), 64, 256, 8, 32, True, torch.bfloat16, True, GemmConfig(16, 32, 32, split_k=4)),
         ((40,), 64, 192, 4, 64, False, torch.float16, True, GemmConfig(64, 64, 64)),  # dequantized tile
-        ((2,), 64, 320, 8, 1 << 30, False, torch.bfloat16, False, GemmConfig(16, 64, 64, split_k=2, swap_ab=True)),
+        ((2,), 64, 320, 8, 1 << 30, False, torch.bfloat16, False, GemmConfig(16, 64, 64, split_k=2, swap_ab=True,
+                                                                                    int_mma=True)),
+        ((70,), 64, 256, 4, 64, True, torch.bfloat16, False, GemmConfig(64, 32, 64, int_mma=True)),
+        ((6,), 64, 256, 4, 1 << 30, False, torch.float16, False, GemmConfig(16, 64, 64, swap_ab=True)),
     ],
 )
 def test_matches_twin(lead, N, K, bits, group_size, sym, dtype, bias, config, device):
