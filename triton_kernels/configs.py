@@ -18,33 +18,84 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     swap_ab: bool = False  # compute (W A^T)^T: weights as the register operand, tokens as MMA N
+    int_mma: bool = False  # MMA on the raw integers, scale and zero point applied once per group
 
 
-def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False):
-    return GemmConfig(bm, bn, bk, sk, gm, w, s, swap)
+def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False):
+    return GemmConfig(bm, bn, bk, sk, gm, w, s, swap, int_mma)
 
 
-# Filled from scripts/bench_kernels.py runs; see benchmarks/kernels.md for the numbers behind them.
-TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {}
-
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-
+# From `scripts/bench_kernels.py --sweep` on an H100 (int4); benchmarks/kernels.md has the numbers behind them.
+TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
+    ('NVIDIA H100 80GB HBM3', 8, 28672, 4096, 4): {  # Mixtral-8x7B gate/up
+        1: _c(16, 64, 128, swap=True, int_mma=True),
+        16: _c(16, 64, 128, swap=True, int_mma=True),
+        64: _c(16, 64, 128, swap=True, int_mma=True),
+        256: _c(64, 128, 64, swap=True),
+        1024: _c(256, 128, 64, w=8, s=3, swap=True),
+        4096: _c(256, 128, 64, w=8, s=3, swap=True),
+    },
+    ('NVIDIA H100 80GB HBM3', 8, 4096, 14336, 4): {  # Mixtral-8x7B down
+        1: _c(16, 64, 128, sk=4, swap=True, int_mma=True),
+        16: _c(16, 64, 128, sk=4, swap=True, int_mma=True),
+        64: _c(16, 64, 128, sk=4, swap=True, int_mma=True),
+        256: _c(64, 128, 64, sk=2),
+        1024: _c(256, 128, 64, w=8, s=3, swap=True),
+        4096: _c(256, 128, 64, w=8, s=3, swap=True),
+    },
+    ('NVIDIA H100 80GB HBM3', 128, 1536, 2048, 4): {  # Qwen3-30B-A3B gate/up
+        1: _c(16, 64, 128, swap=True, int_mma=True),
+        16: _c(16, 64, 128, swap=True, int_mma=True),
+        64: _c(16, 64, 128, swap=True, int_mma=True),
+        256: _c(16, 64, 128, swap=True, int_mma=True),
+        1024: _c(128, 128, 64, w=8, s=3),
+        4096: _c(256, 128, 64, w=8, s=3, swap=True),
+    },
+    ('NVIDIA H100 80GB HBM3', 128, 2048, 768, 4): {  # Qwen3-30B-A3B down
+        1: _c(16, 64, 128, swap=True, int_mma=True),
+        16: _c(16, 64, 128, swap=True, int_mma=True),
+        64: _c(16, 64, 128, swap=True, int_mma=True),
+        256: _c(16, 64, 128, swap=True, int_mma=True),
+        1024: _c(64, 128, 64),
+        4096: _c(256, 128, 64, w=8, s=3, swap=True),
+    },
+    ('NVIDIA H100 80GB HBM3', 256, 4096, 7168, 4): {  # DeepSeek-V3 gate/up
+        1: _c(16, 64, 128, swap=True, int_mma=True),
+        16: _c(16, 64, 128, s=6, swap=True, int_mma=True),
+        64: _c(16, 64, 128, s=6, swap=True, int_mma=True),
+        256: _c(16, 64, 128, swap=True, int_mma=True),
+        1024: _c(32, 64, 128, swap=True, int_mma=True),
+        4096: _c(128, 128, 64, w=8, s=3),
+    },
+    ('NVIDIA H100 80GB HBM3', 256, 7168, 2048, 4): {  # DeepSeek-V3 down
+        1: _c(16, 64, 128, sk=2, swap=True, int_mma=True),
+        16: _c(16, 64, 128, swap=True, int_mma=True),
+        64: _c(16, 64, 128, swap=True, int_mma=True),
+        256: _c(16, 64, 128, swap=True, int_mma=True),
+        1024: _c(32, 64, 128, swap=True, int_mma=True),
+        4096: _c(128, 128, 64, sk=2, swap=True),
+    },
+}
 
 def default_config(E: int, N: int, K: int, bits: int, num_tokens: int, top_k: int,
                    num_sms: int = 132, splittable: bool = True) -> GemmConfig:
-    """Rule for untuned shapes. Small rows-per-expert: thin tiles, long K tiles and split-K so that
-    about two waves of programs stream the weights; large: MMA-sized tiles."""
+    """Rule for untuned shapes, from the H100 sweeps. Few rows per expert: thin tiles, long K tiles and
+    split-K so that about two waves of programs stream the weights; many: MMA-sized tiles."""
     pairs = max(num_tokens * top_k, 1)
     hit = min(E, pairs)
     rows = pairs / hit  # average rows per hit expert
-    # Few rows per expert: swap A and B so the weights are the register operand of the MMA and the
-    # tokens its N (16 or 32); many rows: dequantize into a shared tile reused by BLOCK_M rows.
-    if rows <= 32:
-        cfg = _c(16 if rows <= 16 else 32, 128, 128, w=4, s=4, swap=True)
-    elif rows <= 96:
-        cfg = _c(64, 128, 64, w=4, s=4)
-    else:
+    # Few rows: the weights are the register operand of the MMA (swap_ab), the tokens its N, and the
+    # MMA runs on the raw integers (int_mma). Many: up to 256 tokens share each dequantized weight tile.
+    if rows <= 16:
+        cfg = _c(16, 64, 128, swap=True, int_mma=True)
+    elif rows <= 32:
+        cfg = _c(32, 64, 128, swap=True, int_mma=True)
+    elif rows <= 64:
+        cfg = _c(64, 128, 64)
+    elif rows <= 128:
         cfg = _c(128, 128, 64, w=8, s=3)
+    else:
+        cfg = _c(256, 128, 64, w=8, s=3, swap=True)
     if splittable:
         m_blocks = hit * max(1, -(-int(rows) // cfg.block_m))
         tiles = m_blocks * -(-N // cfg.block_n)

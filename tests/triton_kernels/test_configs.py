@@ -1,0 +1,39 @@
+import pytest
+
+from triton_kernels.configs import TUNED, default_config, get_config
+from triton_kernels.packing import K_ALIGN, SUPPORTED_BITS
+
+
+def _power_of_two(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("key", sorted(TUNED))
+def test_tuned_entries_are_launchable(key):
+    _, E, N, K, bits = key
+    assert bits in SUPPORTED_BITS and E >= 1 and N >= 1 and K >= 1
+    for bucket, cfg in TUNED[key].items():
+        assert bucket >= 1
+        assert all(_power_of_two(b) for b in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k))
+        assert cfg.block_m >= 16 and cfg.block_k <= K_ALIGN  # MMA minimum; K is padded to K_ALIGN
+        assert cfg.num_warps in (4, 8) and cfg.num_stages >= 2
+
+
+def test_lookup_takes_the_smallest_bucket_covering_the_tokens():
+    key = next(iter(TUNED))
+    name, E, N, K, bits = key
+    table = TUNED[key]
+    buckets = sorted(table)
+    for T in (1, buckets[0] + 1, buckets[-1], buckets[-1] * 4):
+        covering = [b for b in buckets if b >= T]
+        want = table[covering[0] if covering else buckets[-1]]
+        assert get_config(name, E, N, K, bits, T, 2) == want
+        assert get_config(name, E, N, K, bits, T, 2, splittable=False).split_k == 1
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 1000, 4096])
+def test_default_rule(tokens):
+    cfg = default_config(8, 1024, 4096, 4, tokens, 2)
+    assert cfg.split_k >= 1 and _power_of_two(cfg.block_m)
+    assert default_config(8, 1024, 4096, 4, tokens, 2, splittable=False).split_k == 1
+    assert get_config("a GPU nobody tuned", 8, 1024, 4096, 4, tokens, 2) == cfg
