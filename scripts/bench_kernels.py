@@ -155,22 +155,28 @@ def run_shape(name, tokens, bits_list, gen, baseline_cache, best):
 
 
 def cfg_str(c):
-    return f"{c.block_m}x{c.block_n}x{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}{' swap' if c.swap_ab else ''}"
+    mode = (" swap" if c.swap_ab else "") + (" int" if c.int_mma else "")
+    return f"{c.block_m}x{c.block_n}x{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}{mode}"
 
 
 def sweep_candidates(rows, gemm):
-    c = lambda bm, bn, bk, w, st, swap=False: GemmConfig(bm, bn, bk, 1, 8, w, st, swap)  # noqa: E731
+    """Configs to time for one GEMM at this many rows per expert; for the down GEMM the first four
+    are also tried with split-K. swap: weights as the register MMA operand; int: integer MMA."""
+    def c(bm, bn, bk, w, st, swap=False, int_mma=False):
+        return GemmConfig(bm, bn, bk, 1, 8, w, st, swap, int_mma)
     if rows <= 32:
         bm = 16 if rows <= 16 else 32
-        base = [c(bm, 128, 128, 4, 4, True), c(bm, 64, 128, 4, 4, True), c(bm, 256, 128, 8, 4, True),
-                c(bm, 128, 64, 4, 4, True), c(bm, 128, 128, 4, 3, True), c(bm, 64, 128, 4, 6, True),
-                c(64, 128, 64, 4, 4)]
+        base = [c(bm, 128, 128, 4, 4, True, True), c(bm, 64, 128, 4, 4, True, True), c(bm, 128, 128, 4, 4, True),
+                c(bm, 128, 64, 4, 4, True, True), c(bm, 256, 128, 8, 4, True, True), c(bm, 128, 128, 4, 3, True, True),
+                c(bm, 64, 128, 4, 6, True, True), c(64, 128, 64, 4, 4, False, True)]
     elif rows <= 128:
-        base = [c(32, 128, 128, 4, 4, True), c(64, 128, 64, 4, 4), c(64, 256, 64, 8, 3), c(128, 128, 64, 8, 3),
-                c(32, 256, 128, 8, 4, True), c(64, 128, 128, 8, 3)]
+        base = [c(64, 128, 64, 4, 4, True), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, True),
+                c(128, 128, 64, 4, 4, True), c(64, 256, 64, 8, 3, True), c(128, 128, 64, 8, 3),
+                c(64, 128, 128, 4, 4, True, True), c(128, 128, 128, 8, 3, True, True), c(32, 128, 128, 4, 4, True, True)]
     else:
-        base = [c(128, 128, 64, 8, 3), c(128, 256, 64, 8, 3), c(256, 128, 64, 8, 3), c(128, 128, 128, 8, 3),
-                c(128, 256, 64, 8, 4)]
+        base = [c(128, 128, 64, 8, 3, True), c(256, 128, 64, 8, 3, True), c(128, 128, 128, 8, 3, True, True),
+                c(128, 128, 64, 8, 3), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, False, True),
+                c(128, 128, 64, 4, 3, True), c(64, 256, 64, 8, 3, True)]
     if gemm == "down":
         splits = (1, 2, 4, 8) if rows <= 32 else (1, 2)
         base = [dataclasses.replace(c, split_k=s) for c in base[:4] for s in splits]
