@@ -33,14 +33,24 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 @triton.jit
+def _chunk_ranks(ids_ptr, offs, P, E, cols):
+    # pairs offs [CHUNK] of one chunk: expert e (0 where invalid), valid, onehot [CHUNK, E_PAD] and each
+    # valid pair's rank among the chunk's pairs of its expert
+    e = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
+    valid = (offs < P) & (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0).to(tl.int32)
+    onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
+    rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+    return e, valid, onehot, rank
+
+
+@triton.jit
 def _count_kernel(ids_ptr, counts_ptr, P, E, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     # counts: [num_chunks, E_PAD] pairs per expert in each chunk
     c = tl.program_id(0)
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    e = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
-    e = tl.where((e >= 0) & (e < E), e, -1)
-    onehot = (e[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
-    tl.store(counts_ptr + c * E_PAD + tl.arange(0, E_PAD), tl.sum(onehot, axis=0))
+    cols = tl.arange(0, E_PAD)
+    _, _, onehot, _ = _chunk_ranks(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), P, E, cols)
+    tl.store(counts_ptr + c * E_PAD + cols, tl.sum(onehot, axis=0))
 
 
 @triton.jit
@@ -71,24 +81,36 @@ def _scatter_kernel(
     sorted_ids_ptr, block_expert_ptr,
     P, E, num_chunks, num_blocks,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCKS: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
 ):
+    # ONE_CHUNK (P <= CHUNK, e.g. decode): every program derives the counts and segment starts from the
+    # single chunk itself, so _count_kernel and _prefix_kernel are not launched (chunk_base_ptr,
+    # expert_count_ptr and expert_start_ptr are then None).
     c = tl.program_id(0)
     cols = tl.arange(0, E_PAD)
-    # 1. this chunk's pairs go to start[e] + (earlier chunks' pairs of e) + (rank within the chunk)
-    if c < num_chunks:
-        offs = c * CHUNK + tl.arange(0, CHUNK)
-        e = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
-        valid = (offs < P) & (e >= 0) & (e < E)
-        e = tl.where(valid, e, 0).to(tl.int32)
-        onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)  # [CHUNK, E_PAD]
-        rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
-        base = tl.load(chunk_base_ptr + c * E_PAD + e, mask=valid, other=0)
-        start = tl.load(expert_start_ptr + e, mask=valid, other=0)
-        tl.store(sorted_ids_ptr + start + base + rank, offs, mask=valid)
+    # 1. a chunk's pairs go to start[e] + (earlier chunks' pairs of e) + (rank within the chunk)
+    if ONE_CHUNK:
+        offs = tl.arange(0, CHUNK)
+        e, valid, onehot, rank = _chunk_ranks(ids_ptr, offs, P, E, cols)
+        count_e = tl.sum(onehot, axis=0)
+        padded = (count_e + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        start_e = tl.cumsum(padded, axis=0) - padded
+        total = tl.sum(padded, axis=0)
+        if c == 0:
+            start = tl.sum(tl.where(e[:, None] == cols[None, :], start_e[None, :], 0), axis=1)
+            tl.store(num_padded_ptr, total)
+            tl.store(sorted_ids_ptr + start + rank, offs, mask=valid)
+    else:
+        if c < num_chunks:
+            offs = c * CHUNK + tl.arange(0, CHUNK)
+            e, valid, _, rank = _chunk_ranks(ids_ptr, offs, P, E, cols)
+            base = tl.load(chunk_base_ptr + c * E_PAD + e, mask=valid, other=0)
+            start = tl.load(expert_start_ptr + e, mask=valid, other=0)
+            tl.store(sorted_ids_ptr + start + base + rank, offs, mask=valid)
+        total = tl.load(num_padded_ptr)
+        start_e = tl.load(expert_start_ptr + cols)
+        count_e = tl.load(expert_count_ptr + cols)
     # 2. expert of each block, and the sentinel in every slot no pair fills
-    total = tl.load(num_padded_ptr)
-    start_e = tl.load(expert_start_ptr + cols)
-    count_e = tl.load(expert_count_ptr + cols)
     end_e = start_e + (count_e + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     blocks = c * BLOCKS + tl.arange(0, BLOCKS)
     first = blocks * BLOCK_M
@@ -98,8 +120,8 @@ def _scatter_kernel(
     tl.store(block_expert_ptr + blocks, tl.where(inside, be, -1), mask=blocks < num_blocks)
     be = tl.where(inside, be, 0)
     slots = first[:, None] + tl.arange(0, BLOCK_M)[None, :]  # [BLOCKS, BLOCK_M]
-    seg_start = tl.load(expert_start_ptr + be)
-    seg_count = tl.load(expert_count_ptr + be)
+    seg_start = tl.sum(tl.where(be[:, None] == cols[None, :], start_e[None, :], 0), axis=1)
+    seg_count = tl.sum(tl.where(be[:, None] == cols[None, :], count_e[None, :], 0), axis=1)
     empty = (slots >= total) | (slots - seg_start[:, None] >= seg_count[:, None])
     tl.store(sorted_ids_ptr + slots, P + tl.zeros_like(slots), mask=empty & (blocks < num_blocks)[:, None])
 
@@ -115,23 +137,27 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     nb = max(max_blocks(P, num_experts, block_m), 1)
     e_pad = triton.next_power_of_2(num_experts)
     num_chunks = max(-(-P // CHUNK), 1)
-    counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
-    chunk_base = torch.empty_like(counts)
-    expert_count = torch.empty(e_pad, dtype=torch.int32, device=dev)
-    expert_start = torch.empty_like(expert_count)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
-    _count_kernel[(num_chunks,)](ids, counts, P, num_experts, CHUNK=CHUNK, E_PAD=e_pad)
-    _prefix_kernel[(1,)](
-        counts, chunk_base, expert_count, expert_start, num_padded, num_chunks,
-        BLOCK_M=block_m, E_PAD=e_pad, ROWS=PREFIX_ROWS,
-    )
+    one_chunk = num_chunks == 1
+    if one_chunk:  # decode: one launch instead of three
+        chunk_base = expert_count = expert_start = None
+    else:
+        counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
+        chunk_base = torch.empty_like(counts)
+        expert_count = torch.empty(e_pad, dtype=torch.int32, device=dev)
+        expert_start = torch.empty_like(expert_count)
+        _count_kernel[(num_chunks,)](ids, counts, P, num_experts, CHUNK=CHUNK, E_PAD=e_pad)
+        _prefix_kernel[(1,)](
+            counts, chunk_base, expert_count, expert_start, num_padded, num_chunks,
+            BLOCK_M=block_m, E_PAD=e_pad, ROWS=PREFIX_ROWS,
+        )
     grid = (max(num_chunks, -(-nb // BLOCKS_PER_PROGRAM)),)
     _scatter_kernel[grid](
         ids, chunk_base, expert_count, expert_start, num_padded, sorted_ids, block_expert,
         P, num_experts, num_chunks, nb,
-        BLOCK_M=block_m, CHUNK=CHUNK, E_PAD=e_pad, BLOCKS=BLOCKS_PER_PROGRAM,
+        BLOCK_M=block_m, CHUNK=CHUNK, E_PAD=e_pad, BLOCKS=BLOCKS_PER_PROGRAM, ONE_CHUNK=one_chunk,
     )
     return AlignedRouting(sorted_ids, block_expert, num_padded)
 
