@@ -21,7 +21,7 @@ import torch
 
 from moeq.errors import MoeqError
 from moeq.gptq import gptq_quantize, output_error
-from moeq.hessian import RoutedHessian
+from moeq.hessian import RoutedHessian, group_by_expert
 from moeq.plan import Plan, TensorPlan
 from moeq.quant_format import QuantizedTensor, rtn
 from moeq.shards import ShardReader, weight_slot
@@ -212,8 +212,7 @@ class _Sites:
             key = self.owner.setdefault(path, seen.setdefault(id(x), path))
             if key == path:
                 flat = x.reshape(-1, x.shape[-1])
-                rows = torch.arange(flat.shape[0], device=flat.device)
-                self._accumulate(path, flat, rows, torch.zeros_like(rows), None, count=1)
+                self._accumulate(path, flat, torch.tensor([flat.shape[0]]), None)
         self._inputs.clear()
         self._experts_seen = False
 
@@ -233,33 +232,37 @@ class _Sites:
         tokens = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(top_k_index.shape[1])
         experts = top_k_index.reshape(-1)
         keep = experts < self.num_experts  # index == E marks a dropped pair (expert parallelism)
-        tokens, experts = tokens[keep], experts[keep]
+        order, counts = group_by_expert(experts[keep], self.num_experts)
+        tokens = tokens[keep][order]  # [P] grouped by expert
         # The MoE output is sum_k w_k * expert_k(x): an expert's output error reaches the block scaled by its
         # gate weight, so gate weighting (AGQ) weights each pair's x x^T by w^2.
-        weights = top_k_weights.reshape(-1)[keep].float() ** 2 if self.gate_weighted else None
-        if self.experts_input == "down":
-            hidden = _expert_intermediate(module, hidden, tokens, experts)
-            tokens = torch.arange(tokens.numel(), device=hidden.device)
-        self._accumulate(self.experts_module, hidden, tokens, experts, weights, count=self.num_experts)
+        weights = top_k_weights.reshape(-1)[keep][order].float() ** 2 if self.gate_weighted else None
+        xs = _expert_intermediate(module, hidden, tokens, counts) if self.experts_input == "down" else hidden[tokens]
+        self._accumulate(self.experts_module, xs, counts, weights)
         self._experts_seen = True
         self._check_done()
 
-    def _accumulate(self, key, x, tokens, experts, weights, count: int):
+    def _accumulate(self, key, xs, counts, weights):
+        """xs [P, K] grouped by expert, counts [E] (E = 1 for a linear module), weights [P] or None."""
         if key not in self.hessians:
-            self.hessians[key] = RoutedHessian(count, x.shape[-1], device=x.device)
-        self.hessians[key].add(x, tokens, experts, weights)
+            self.hessians[key] = RoutedHessian(counts.numel(), xs.shape[-1], device=xs.device)
+        self.hessians[key].add_grouped(xs, counts, weights)
 
     def hessian_for(self, module_path: str) -> RoutedHessian:
         return self.hessians[self.owner.get(module_path, module_path)]
 
 
-def _expert_intermediate(module, hidden, tokens, experts):
-    """act(x W_gate^T) * (x W_up^T) for every (token, expert) pair, in pair order: [P, I]."""
+def _expert_intermediate(module, hidden, tokens, counts):
+    """act(x W_gate^T) * (x W_up^T) for routing pairs grouped by expert (tokens [P]: expert 0's counts[0]
+    tokens, then expert 1's, ...), in the same order: [P, I]."""
     out = torch.empty(tokens.numel(), module.down_proj.shape[-1], dtype=hidden.dtype, device=hidden.device)
-    for e in torch.unique(experts).tolist():
-        pairs = (experts == e).nonzero().squeeze(1)
-        gate, up = torch.nn.functional.linear(hidden[tokens[pairs]], module.gate_up_proj[e]).chunk(2, dim=-1)
-        out[pairs] = module.act_fn(gate) * up
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            rows = slice(start, start + n)
+            gate, up = torch.nn.functional.linear(hidden[tokens[rows]], module.gate_up_proj[e]).chunk(2, dim=-1)
+            torch.mul(module.act_fn(gate), up, out=out[rows])
+            start += n
     return out
 
 
@@ -416,8 +419,7 @@ def quantize_lm_head(model, entry: TensorPlan, final_hidden: LayerActivations) -
             x = model.model.norm(hidden).reshape(-1, hidden.shape[-1])
             if hessian is None:
                 hessian = RoutedHessian(1, x.shape[-1], device=x.device)
-            rows = torch.arange(x.shape[0], device=x.device)
-            hessian.add(x, rows, torch.zeros_like(rows))
+            hessian.add_grouped(x, torch.tensor([x.shape[0]]))
         h, _ = hessian.finalize()
         q, dq, stats = _solve(head.weight[None], h, entry.scheme)
         head.weight = torch.nn.Parameter(dq[0].to(head.weight.dtype), requires_grad=False)  # unties from embed

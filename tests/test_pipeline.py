@@ -114,9 +114,9 @@ def test_expert_intermediate_matches_the_experts_forward():
     plan, layer, acts, _ = _resident_layer(FIXTURES / "demo-mixtral", "mixtral")
     experts = layer.mlp.experts
     x = torch.randn(10, 128)
-    tokens = torch.tensor([0, 0, 3, 7, 9])
-    ids = torch.tensor([1, 5, 5, 0, 1])
-    inter = _expert_intermediate(experts, x, tokens, ids)
+    tokens = torch.tensor([7, 0, 9, 0, 3])           # grouped by expert: 0 | 1, 1 | 5, 5
+    ids = torch.tensor([0, 1, 1, 5, 5])
+    inter = _expert_intermediate(experts, x, tokens, torch.bincount(ids, minlength=8))
     for p in range(5):
         gate, up = (x[tokens[p]] @ experts.gate_up_proj[ids[p]].T).chunk(2)
         torch.testing.assert_close(inter[p], torch.nn.functional.silu(gate) * up)
