@@ -92,8 +92,7 @@ class RoutedHessian:
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                chunk = xs[start:start + n]
-                self.H_sum[e].addmm_(chunk.T, chunk)
+                _add_gram(self.H_sum[e], xs[start:start + n])
                 start += n
 
     def finalize(self, min_tokens: int = 0, policy: str = "shrink") -> tuple[torch.Tensor, tuple[ExpertHessianReport, ...]]:
@@ -128,6 +127,15 @@ class RoutedHessian:
                 H[e].copy_(h_layer)
         reports = tuple(ExpertHessianReport(e, n, policy if starved[e] else None) for e, n in enumerate(counts))
         return H, reports
+
+
+def _add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h [K, K] += x^T x for x [n, K] with 3/4 of the flops: x^T x is symmetric, so the left half of the
+    columns and the lower-right block are multiplied and the upper-right block is their mirror."""
+    half = x.shape[1] // 2
+    h[:, :half].addmm_(x.T, x[:, :half])
+    h[half:, half:].addmm_(x[:, half:].T, x[:, half:])
+    h[:half, half:] = h[half:, :half].T
 
 
 def group_by_expert(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

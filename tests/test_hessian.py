@@ -114,3 +114,13 @@ def test_errors():
         acc.finalize(policy="skip")
     with pytest.raises(ValueError, match="made for K=16"):
         acc.add(torch.randn(3, 8), torch.arange(3), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("k", [1, 7, 16])
+def test_gram_update_is_the_full_product_and_exactly_symmetric(k):
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(3))
+    acc = RoutedHessian(1, k)
+    acc.add_grouped(x[:100], torch.tensor([100]))
+    acc.add_grouped(x[100:], torch.tensor([200]))
+    torch.testing.assert_close(acc.H_sum[0].double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(acc.H_sum[0], acc.H_sum[0].T)
