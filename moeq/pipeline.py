@@ -35,11 +35,13 @@ STAGES: tuple[tuple[frozenset, frozenset], ...] = (
     (frozenset({"router", "router_gate", "expert", "shared_expert", "dense_mlp"}), frozenset({"gate", "up", None})),
     (frozenset({"expert", "shared_expert", "dense_mlp"}), frozenset({"down"})),
 )
-O_STAGE, FIRST_MLP_STAGE, DOWN_STAGE = 2, 3, 4
+INPUT_STAGE, O_STAGE, FIRST_MLP_STAGE, DOWN_STAGE = 0, 2, 3, 4
 # transformers' modules of a decoder layer, the same in every supported family. The layer is pre-norm:
 #     residual = x + self_attn(input_layernorm(x))      self_attn's last op is o_proj
 #     out      = residual + mlp(post_attention_layernorm(residual))
-# (tests/test_pipeline.py checks this shortcut against the layer's forward for every family).
+# and the input stage's projections (q, k, v; MLA's q_a, kv_a) all read input_layernorm(x)
+# (tests/test_pipeline.py checks these shortcuts against the layer's forward for every family).
+INPUT_NORM = "input_layernorm"
 ATTENTION_OUTPUT = "self_attn.o_proj"
 POST_ATTENTION_NORM = "post_attention_layernorm"
 MLP_BLOCK = "mlp"  # the MoE block or dense MLP
@@ -216,6 +218,11 @@ class _Sites:
         self._inputs.clear()
         self._experts_seen = False
 
+    def feed(self, x: torch.Tensor) -> None:
+        """Hand x to every linear site, as a forward does whose sites all read the same tensor."""
+        for path in self.linear_modules:
+            self._inputs[path] = x
+
     def _check_done(self):
         if len(self._inputs) == len(self.linear_modules) and (self._experts_seen or not self.experts_module):
             raise _StageDone
@@ -286,9 +293,10 @@ def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Pla
     """Quantize one resident decoder layer in place, stage by stage; returns a result per quantized tensor
     and the quantized layer's outputs for `acts` (the next layer's inputs).
 
-    The stages before o run the layer's forward (cut short at the stage's modules). Attention then runs
-    once, cut short at o_proj; the o stage runs o_proj on those inputs, and the MLP stages and the outputs
-    run only the MLP block on its inputs (residual + o_proj, normed), computed once o is quantized.
+    The input stage's projections read input_layernorm(x); MLA's q_b/kv_b stage runs the layer's forward,
+    cut short at its modules. Attention then runs once, cut short at o_proj; the o stage runs o_proj on
+    those inputs, and the MLP stages and the outputs run only the MLP block on its inputs
+    (residual + o_proj, normed), computed once o is quantized.
     """
     inventory = plan.inventory
     by_stage: dict[int, list[TensorPlan]] = {}
@@ -312,7 +320,11 @@ def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Pla
         if stage >= FIRST_MLP_STAGE and mlp_inputs is None:
             mlp_inputs = split_at_mlp(layer, acts, o_inputs)
         with sites, torch.no_grad():
-            if stage < O_STAGE:
+            if stage == INPUT_STAGE:
+                norm = layer.get_submodule(INPUT_NORM)
+                for hidden in acts.batches:
+                    sites.run(lambda: sites.feed(norm(hidden)))
+            elif stage < O_STAGE:
                 for hidden, kwargs in zip(acts.batches, acts.kwargs):
                     sites.run(lambda: layer(hidden, **kwargs))
             else:

@@ -3,7 +3,8 @@
 Synthetic layers (random weights, std 0.02) with the shapes of Mixtral-8x7B (E8, H4096, I14336, top-2)
 and Qwen3-30B-A3B (E128, H2048, I768, top-8), int4 g128 GPTQ on attention and experts (uniform-int4),
 calibrated on 128 x 2048 tokens (random token ids through a random embedding). Times one layer's
-quantize_layer: hook passes, Hessians, batched solves and the outputs that are the next layer's inputs. Reading a layer from disk is not included (it is I/O bound: bytes of the layer over disk speed).
+quantize_layer: hook passes, Hessians, batched solves and the outputs that are the next layer's inputs.
+Reading a layer from disk is not included (it is I/O bound: bytes of the layer over disk speed).
 
     python scripts/bench_quantize_layer.py [--device cuda] [--shapes mixtral qwen3] [--samples 128 --seq-len 2048]
 """

@@ -4,9 +4,9 @@ import torch
 from moeq.calibration import calibration_windows
 from moeq.hessian import RoutedHessian
 from moeq.inventory import inventory_from_checkpoint
-from moeq.pipeline import (ATTENTION_OUTPUT, MLP_BLOCK, ModuleResult, _expert_intermediate, build_skeleton,
-                           capture_inputs, capture_layer_inputs, layer_outputs, load_model_tensor, quantize_layer,
-                           run_layer, split_at_mlp)
+from moeq.pipeline import (ATTENTION_OUTPUT, INPUT_STAGE, MLP_BLOCK, ModuleResult, _expert_intermediate,
+                           _tensor_stage, build_skeleton, capture_inputs, capture_layer_inputs, layer_outputs,
+                           load_model_tensor, quantize_layer, run_layer, split_at_mlp)
 from moeq.plan import make_plan
 from moeq.quant_format import QuantFormat, rtn
 from moeq.recipe import load_recipe
@@ -140,15 +140,27 @@ def test_router_int8_when_the_recipe_asks():
     assert 0 < (layer.mlp.gate.weight - original).abs().max() <= router.quantized.scales.float().max()
 
 
+def _input_stage_modules(plan, layer_index: int) -> list[str]:
+    entries = [e for e in plan.entries if e.tensor.layer == layer_index and e.tensor.role == "attn"]
+    return sorted({weight_slot(e.tensor, plan.inventory).module_path() for e in entries
+                   if _tensor_stage(e) == INPUT_STAGE})
+
+
 @pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
 def test_layer_shortcut_equals_the_decoder_layer_forward(tiny_checkpoints, kind):
     # quantize_layer relies on every family's layer being pre-norm with attention ending in o_proj:
-    # out = r + mlp(post_attention_layernorm(r)), r = x + o_proj(o_proj's input). Checked bit for bit on
-    # every layer (dense and MoE ones alike).
+    # out = r + mlp(post_attention_layernorm(r)), r = x + o_proj(o_proj's input), and on the input stage's
+    # projections reading input_layernorm(x). Checked bit for bit on every layer (dense and MoE ones alike).
     model_dir = tiny_checkpoints[kind]
     num_layers = TINY_CONFIGS[kind]["num_hidden_layers"]
     for i in range(num_layers):
-        _, layer, acts, _ = _resident_layer(model_dir, "uniform-int4", ["defaults.group_size=-1"], i, tokens=(4, 32))
+        plan, layer, acts, _ = _resident_layer(model_dir, "uniform-int4", ["defaults.group_size=-1"], i,
+                                               tokens=(4, 32))
+        normed = layer.input_layernorm(acts.batches[0])
+        paths = _input_stage_modules(plan, i)
+        assert len(paths) >= 2, paths
+        for path in paths:
+            assert torch.equal(capture_inputs(layer, path, acts)[0], normed), f"{kind} layer {i} {path}"
         mlp_inputs = split_at_mlp(layer, acts, capture_inputs(layer, ATTENTION_OUTPUT, acts))
         assert all(torch.equal(a, b) for a, b in zip(mlp_inputs.normed, capture_inputs(layer, MLP_BLOCK, acts)))
         full = run_layer(layer, acts).batches
