@@ -21,7 +21,7 @@ import torch
 
 from moeq.errors import MoeqError
 from moeq.gptq import gptq_quantize, output_error
-from moeq.hessian import RoutedHessian, group_by_expert
+from moeq.hessian import RoutedHessian, Scratch, group_by_expert
 from moeq.plan import Plan, TensorPlan
 from moeq.quant_format import QuantizedTensor, rtn
 from moeq.shards import ShardReader, weight_slot
@@ -183,6 +183,7 @@ class _Sites:
         self.owner: dict[str, str] = {}                # module -> accumulator key (shared inputs)
         self._inputs: dict[str, torch.Tensor] = {}     # this batch's input per linear module
         self._experts_seen = False
+        self._intermediate = Scratch()                 # the down stage's [P, I] of each batch
         self._handles = []
 
     def __enter__(self):
@@ -244,7 +245,11 @@ class _Sites:
         # The MoE output is sum_k w_k * expert_k(x): an expert's output error reaches the block scaled by its
         # gate weight, so gate weighting (AGQ) weights each pair's x x^T by w^2.
         weights = top_k_weights.reshape(-1)[keep][order].float() ** 2 if self.gate_weighted else None
-        xs = _expert_intermediate(module, hidden, tokens, counts) if self.experts_input == "down" else hidden[tokens]
+        if self.experts_input == "down":
+            out = self._intermediate.take((tokens.numel(), module.down_proj.shape[-1]), hidden.dtype, hidden.device)
+            xs = _expert_intermediate(module, hidden, tokens, counts, out)
+        else:
+            xs = hidden[tokens]
         self._accumulate(self.experts_module, xs, counts, weights)
         self._experts_seen = True
         self._check_done()
@@ -259,10 +264,9 @@ class _Sites:
         return self.hessians[self.owner.get(module_path, module_path)]
 
 
-def _expert_intermediate(module, hidden, tokens, counts):
+def _expert_intermediate(module, hidden, tokens, counts, out: torch.Tensor) -> torch.Tensor:
     """act(x W_gate^T) * (x W_up^T) for routing pairs grouped by expert (tokens [P]: expert 0's counts[0]
-    tokens, then expert 1's, ...), in the same order: [P, I]."""
-    out = torch.empty(tokens.numel(), module.down_proj.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    tokens, then expert 1's, ...), written in the same order into out [P, I], which is returned."""
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n:

@@ -116,7 +116,7 @@ def test_expert_intermediate_matches_the_experts_forward():
     x = torch.randn(10, 128)
     tokens = torch.tensor([7, 0, 9, 0, 3])           # grouped by expert: 0 | 1, 1 | 5, 5
     ids = torch.tensor([0, 1, 1, 5, 5])
-    inter = _expert_intermediate(experts, x, tokens, torch.bincount(ids, minlength=8))
+    inter = _expert_intermediate(experts, x, tokens, torch.bincount(ids, minlength=8), torch.empty(5, 256))
     for p in range(5):
         gate, up = (x[tokens[p]] @ experts.gate_up_proj[ids[p]].T).chunk(2)
         torch.testing.assert_close(inter[p], torch.nn.functional.silu(gate) * up)
