@@ -16,6 +16,12 @@ Adding a family is one entry. For example OLMoE is:
     )
 
 plus, where the routed layers are not all layers, a `moe_layer(config, i)` predicate.
+
+Every family's decoder layer in memory (transformers' modules) is pre-norm with attention ending in o_proj:
+    residual = x + self_attn(input_layernorm(x)),  out = residual + mlp(post_attention_layernorm(residual)).
+moeq.pipeline relies on it to run attention once per layer; a family whose layer differs (parallel
+attention and MLP, post-norm, a projection after o_proj) needs its own path there, and
+tests/test_pipeline.py::test_layer_shortcut_equals_the_decoder_layer_forward fails for it.
 """
 
 from __future__ import annotations

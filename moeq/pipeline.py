@@ -4,7 +4,9 @@ For each layer: load its tensors from disk, run the calibration activations thro
 stage by stage (true-sequential: attention q/k/v, then MLA's q_b/kv_b, then o; then routers, gate/up of
 routed experts, shared experts and dense MLPs; then down projections), solve each stage with GPTQ and
 write the dequantized weights back so the next stage sees the quantized outputs, then pass the
-quantized layer's outputs on as the next layer's inputs. Routed experts' statistics come from the
+quantized layer's outputs on as the next layer's inputs. Attention runs once per layer: every supported
+family's decoder layer is pre-norm and its attention ends in o_proj, so the MLP block's inputs and the
+layer's outputs follow from o_proj's inputs. Routed experts' statistics come from the
 (hidden, top_k_index, top_k_weights) that the model's own router hands its experts module, so every
 family's routing rule (softmax top-k, Qwen's norm_topk_prob, DeepSeek's grouped sigmoid with the
 correction bias) is the model's own. One function serves every family; no tracing.
@@ -19,7 +21,7 @@ import torch
 
 from moeq.errors import MoeqError
 from moeq.gptq import gptq_quantize, output_error
-from moeq.hessian import RoutedHessian
+from moeq.hessian import RoutedHessian, Scratch, group_by_expert
 from moeq.plan import Plan, TensorPlan
 from moeq.quant_format import QuantizedTensor, rtn
 from moeq.shards import ShardReader, weight_slot
@@ -33,8 +35,16 @@ STAGES: tuple[tuple[frozenset, frozenset], ...] = (
     (frozenset({"router", "router_gate", "expert", "shared_expert", "dense_mlp"}), frozenset({"gate", "up", None})),
     (frozenset({"expert", "shared_expert", "dense_mlp"}), frozenset({"down"})),
 )
-FIRST_MLP_STAGE, DOWN_STAGE = 3, 4
-MLP_BLOCK = "mlp"  # transformers' module holding a layer's MoE block or dense MLP, in every supported family
+INPUT_STAGE, O_STAGE, FIRST_MLP_STAGE, DOWN_STAGE = 0, 2, 3, 4
+# transformers' modules of a decoder layer, the same in every supported family. The layer is pre-norm:
+#     residual = x + self_attn(input_layernorm(x))      self_attn's last op is o_proj
+#     out      = residual + mlp(post_attention_layernorm(residual))
+# and the input stage's projections (q, k, v; MLA's q_a, kv_a) all read input_layernorm(x)
+# (tests/test_pipeline.py checks these shortcuts against the layer's forward for every family).
+INPUT_NORM = "input_layernorm"
+ATTENTION_OUTPUT = "self_attn.o_proj"
+POST_ATTENTION_NORM = "post_attention_layernorm"
+MLP_BLOCK = "mlp"  # the MoE block or dense MLP
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,14 @@ class LayerActivations:
 
     batches: list[torch.Tensor]                   # each [B, L, H]
     kwargs: list[dict]                            # per batch: attention mask, position embeddings, ...
+
+
+@dataclass(frozen=True)
+class MlpInputs:
+    """A decoder layer's state at its MLP block, per batch: the layer's output is residual + mlp(normed)."""
+
+    residual: list[torch.Tensor]                  # each [B, L, H]: x + self_attn(input_layernorm(x))
+    normed: list[torch.Tensor]                    # each [B, L, H]: post_attention_layernorm(residual)
 
 
 class _StageDone(Exception):
@@ -165,6 +183,7 @@ class _Sites:
         self.owner: dict[str, str] = {}                # module -> accumulator key (shared inputs)
         self._inputs: dict[str, torch.Tensor] = {}     # this batch's input per linear module
         self._experts_seen = False
+        self._intermediate = Scratch()                 # the down stage's [P, I] of each batch
         self._handles = []
 
     def __enter__(self):
@@ -196,10 +215,14 @@ class _Sites:
             key = self.owner.setdefault(path, seen.setdefault(id(x), path))
             if key == path:
                 flat = x.reshape(-1, x.shape[-1])
-                rows = torch.arange(flat.shape[0], device=flat.device)
-                self._accumulate(path, flat, rows, torch.zeros_like(rows), None, count=1)
+                self._accumulate(path, flat, torch.tensor([flat.shape[0]]), None)
         self._inputs.clear()
         self._experts_seen = False
+
+    def feed(self, x: torch.Tensor) -> None:
+        """Hand x to every linear site, as a forward does whose sites all read the same tensor."""
+        for path in self.linear_modules:
+            self._inputs[path] = x
 
     def _check_done(self):
         if len(self._inputs) == len(self.linear_modules) and (self._experts_seen or not self.experts_module):
@@ -217,33 +240,40 @@ class _Sites:
         tokens = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(top_k_index.shape[1])
         experts = top_k_index.reshape(-1)
         keep = experts < self.num_experts  # index == E marks a dropped pair (expert parallelism)
-        tokens, experts = tokens[keep], experts[keep]
+        order, counts = group_by_expert(experts[keep], self.num_experts)
+        tokens = tokens[keep][order]  # [P] grouped by expert
         # The MoE output is sum_k w_k * expert_k(x): an expert's output error reaches the block scaled by its
         # gate weight, so gate weighting (AGQ) weights each pair's x x^T by w^2.
-        weights = top_k_weights.reshape(-1)[keep].float() ** 2 if self.gate_weighted else None
+        weights = top_k_weights.reshape(-1)[keep][order].float() ** 2 if self.gate_weighted else None
         if self.experts_input == "down":
-            hidden = _expert_intermediate(module, hidden, tokens, experts)
-            tokens = torch.arange(tokens.numel(), device=hidden.device)
-        self._accumulate(self.experts_module, hidden, tokens, experts, weights, count=self.num_experts)
+            out = self._intermediate.take((tokens.numel(), module.down_proj.shape[-1]), hidden.dtype, hidden.device)
+            xs = _expert_intermediate(module, hidden, tokens, counts, out)
+        else:
+            xs = hidden[tokens]
+        self._accumulate(self.experts_module, xs, counts, weights)
         self._experts_seen = True
         self._check_done()
 
-    def _accumulate(self, key, x, tokens, experts, weights, count: int):
+    def _accumulate(self, key, xs, counts, weights):
+        """xs [P, K] grouped by expert, counts [E] (E = 1 for a linear module), weights [P] or None."""
         if key not in self.hessians:
-            self.hessians[key] = RoutedHessian(count, x.shape[-1], device=x.device)
-        self.hessians[key].add(x, tokens, experts, weights)
+            self.hessians[key] = RoutedHessian(counts.numel(), xs.shape[-1], device=xs.device)
+        self.hessians[key].add_grouped(xs, counts, weights)
 
     def hessian_for(self, module_path: str) -> RoutedHessian:
         return self.hessians[self.owner.get(module_path, module_path)]
 
 
-def _expert_intermediate(module, hidden, tokens, experts):
-    """act(x W_gate^T) * (x W_up^T) for every (token, expert) pair, in pair order: [P, I]."""
-    out = torch.empty(tokens.numel(), module.down_proj.shape[-1], dtype=hidden.dtype, device=hidden.device)
-    for e in torch.unique(experts).tolist():
-        pairs = (experts == e).nonzero().squeeze(1)
-        gate, up = torch.nn.functional.linear(hidden[tokens[pairs]], module.gate_up_proj[e]).chunk(2, dim=-1)
-        out[pairs] = module.act_fn(gate) * up
+def _expert_intermediate(module, hidden, tokens, counts, out: torch.Tensor) -> torch.Tensor:
+    """act(x W_gate^T) * (x W_up^T) for routing pairs grouped by expert (tokens [P]: expert 0's counts[0]
+    tokens, then expert 1's, ...), written in the same order into out [P, I], which is returned."""
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            rows = slice(start, start + n)
+            gate, up = torch.nn.functional.linear(hidden[tokens[rows]], module.gate_up_proj[e]).chunk(2, dim=-1)
+            torch.mul(module.act_fn(gate), up, out=out[rows])
+            start += n
     return out
 
 
@@ -263,11 +293,14 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, scheme) -> tuple[Quantiz
 
 
 def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Plan, acts: LayerActivations,
-                   on_stage: Callable[[str], None] = lambda s: None) -> list[ModuleResult]:
-    """Quantize one resident decoder layer in place, stage by stage; returns a result per quantized tensor.
+                   on_stage: Callable[[str], None] = lambda s: None) -> tuple[list[ModuleResult], LayerActivations]:
+    """Quantize one resident decoder layer in place, stage by stage; returns a result per quantized tensor
+    and the quantized layer's outputs for `acts` (the next layer's inputs).
 
-    Attention stages run the layer's forward (cut short at the stage's modules). The MLP stages run only
-    the layer's MLP block on its inputs, captured once after attention is quantized.
+    The input stage's projections read input_layernorm(x); MLA's q_b/kv_b stage runs the layer's forward,
+    cut short at its modules. Attention then runs once, cut short at o_proj; the o stage runs o_proj on
+    those inputs, and the MLP stages and the outputs run only the MLP block on its inputs
+    (residual + o_proj, normed), computed once o is quantized.
     """
     inventory = plan.inventory
     by_stage: dict[int, list[TensorPlan]] = {}
@@ -275,7 +308,8 @@ def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Pla
         if entry.scheme is not None:
             by_stage.setdefault(_tensor_stage(entry), []).append(entry)
     results: list[ModuleResult] = []
-    mlp_inputs = None
+    o_inputs: list[torch.Tensor] | None = None
+    mlp_inputs: MlpInputs | None = None
     for stage in sorted(by_stage):
         stage_entries = by_stage[stage]
         slots = {e.tensor.name: weight_slot(e.tensor, inventory) for e in stage_entries}
@@ -285,30 +319,41 @@ def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Pla
                        "down" if stage == DOWN_STAGE else "in", inventory.num_experts,
                        any(e.scheme.gate_weighted for e in experts))
         on_stage(f"layer {layer_index} stage {stage}: collecting")
+        if stage >= O_STAGE and o_inputs is None:
+            o_inputs = capture_inputs(layer, ATTENTION_OUTPUT, acts)
         if stage >= FIRST_MLP_STAGE and mlp_inputs is None:
-            mlp_inputs = capture_mlp_inputs(layer, acts)
+            mlp_inputs = split_at_mlp(layer, acts, o_inputs)
         with sites, torch.no_grad():
-            if stage >= FIRST_MLP_STAGE:
-                mlp = layer.get_submodule(MLP_BLOCK)
-                for x in mlp_inputs:
-                    sites.run(lambda: mlp(x))
-            else:
+            if stage == INPUT_STAGE:
+                norm = layer.get_submodule(INPUT_NORM)
+                for hidden in acts.batches:
+                    sites.run(lambda: sites.feed(norm(hidden)))
+            elif stage < O_STAGE:
                 for hidden, kwargs in zip(acts.batches, acts.kwargs):
                     sites.run(lambda: layer(hidden, **kwargs))
+            else:
+                module, inputs = ((layer.get_submodule(ATTENTION_OUTPUT), o_inputs) if stage == O_STAGE
+                                  else (layer.get_submodule(MLP_BLOCK), mlp_inputs.normed))
+                for x in inputs:
+                    sites.run(lambda: module(x))
         on_stage(f"layer {layer_index} stage {stage}: solving {len(stage_entries)} tensors")
         results += _solve_stage(layer, stage_entries, slots, sites)
-    return results
+    if o_inputs is None:  # neither o nor the MLP block was quantized
+        o_inputs = capture_inputs(layer, ATTENTION_OUTPUT, acts)
+    if mlp_inputs is None:
+        mlp_inputs = split_at_mlp(layer, acts, o_inputs)
+    return results, layer_outputs(layer, mlp_inputs, acts.kwargs)
 
 
-def capture_mlp_inputs(layer, acts: LayerActivations) -> list[torch.Tensor]:
-    """What the layer's MLP block receives for each batch (the forward stops there)."""
+def capture_inputs(layer, module_path: str, acts: LayerActivations) -> list[torch.Tensor]:
+    """What the layer's submodule `module_path` receives for each batch (the forward stops there)."""
     captured = []
 
     def hook(module, args):
         captured.append(args[0])
         raise _StageDone
 
-    handle = layer.get_submodule(MLP_BLOCK).register_forward_pre_hook(hook)
+    handle = layer.get_submodule(module_path).register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             for hidden, kwargs in zip(acts.batches, acts.kwargs):
@@ -319,6 +364,22 @@ def capture_mlp_inputs(layer, acts: LayerActivations) -> list[torch.Tensor]:
     finally:
         handle.remove()
     return captured
+
+
+def split_at_mlp(layer, acts: LayerActivations, o_inputs: list[torch.Tensor]) -> MlpInputs:
+    """The layer's state at its MLP block from o_proj's inputs [B, L, q_out] per batch, without re-running
+    attention: the layer's own residual add and post-attention norm on x + o_proj(o_input)."""
+    o_proj, norm = layer.get_submodule(ATTENTION_OUTPUT), layer.get_submodule(POST_ATTENTION_NORM)
+    with torch.no_grad():
+        residual = [hidden + o_proj(x) for hidden, x in zip(acts.batches, o_inputs)]
+        return MlpInputs(residual, [norm(r) for r in residual])
+
+
+def layer_outputs(layer, mlp_inputs: MlpInputs, kwargs: list[dict]) -> LayerActivations:
+    """The layer's outputs residual + mlp(normed) per batch, equal to its full forward."""
+    mlp = layer.get_submodule(MLP_BLOCK)
+    with torch.no_grad():
+        return LayerActivations([r + mlp(x) for r, x in zip(mlp_inputs.residual, mlp_inputs.normed)], kwargs)
 
 
 def _solve_stage(layer, entries: list[TensorPlan], slots, sites: _Sites) -> list[ModuleResult]:
@@ -374,8 +435,7 @@ def quantize_lm_head(model, entry: TensorPlan, final_hidden: LayerActivations) -
             x = model.model.norm(hidden).reshape(-1, hidden.shape[-1])
             if hessian is None:
                 hessian = RoutedHessian(1, x.shape[-1], device=x.device)
-            rows = torch.arange(x.shape[0], device=x.device)
-            hessian.add(x, rows, torch.zeros_like(rows))
+            hessian.add_grouped(x, torch.tensor([x.shape[0]]))
         h, _ = hessian.finalize()
         q, dq, stats = _solve(head.weight[None], h, entry.scheme)
         head.weight = torch.nn.Parameter(dq[0].to(head.weight.dtype), requires_grad=False)  # unties from embed

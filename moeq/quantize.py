@@ -125,15 +125,13 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
             bar.set_postfix_str("eval (original)")
             routing_fp, eval_fp = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_fp))
         entries = [e for e in plan.entries if e.tensor.layer == i]
-        layer_results = quantize_layer(layer, i, entries, plan, calib, on_stage=bar.set_postfix_str)
+        layer_results, calib = quantize_layer(layer, i, entries, plan, calib, on_stage=bar.set_postfix_str)
         results += layer_results
         if eval_q is not None:
             bar.set_postfix_str("eval (quantized)")
             routing_q, eval_q = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_q))
             if routing_fp is not None and routing_q is not None:
                 agreement[i] = RoutingRecorder.fraction(routing_fp, routing_q)
-        bar.set_postfix_str("forward")
-        calib = run_layer(layer, calib)
         quantized = {r.name: r.quantized for r in layer_results}
         writer.write_shard(i, _tensors_to_write(plan, config, inventory.layer_tensors(i), quantized,
                                                 lambda t: weight_slot(t, inventory).get(layer), padding))

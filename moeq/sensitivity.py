@@ -225,7 +225,7 @@ class _Measurer:
         cache = self.cache
         layer = cache.load_layer(layer_index)
         entries = [e for e in plan.entries if e.tensor.layer == layer_index]
-        modules = quantize_layer(layer, layer_index, entries, plan, cache.calib[layer_index])
+        modules, _ = quantize_layer(layer, layer_index, entries, plan, cache.calib[layer_index])
         routing, out = RoutingRecorder.record(layer, lambda: run_layer(layer, cache.calib[layer_index]))
         result = {"gptq_error": _gptq_error(modules, self.tokens, self.out_features),
                   "block_error": _block_error(out, cache.calib[layer_index + 1]), "agreement": None}

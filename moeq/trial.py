@@ -194,14 +194,14 @@ def run_trial(cache: ActivationCache, plan: Plan, name: str = "") -> TrialResult
         layer = cache.load_layer(i)
         if i in layers:
             entries = [e for e in plan.entries if e.tensor.layer == i]
-            results = quantize_layer(layer, i, entries, plan, calib)
+            results, calib = quantize_layer(layer, i, entries, plan, calib)
             modules += [{k: v for k, v in r.__dict__.items() if k != "quantized"} for r in results]
+        elif i < layers[-1]:  # calibration inputs are needed only up to the last quantized layer
+            calib = run_layer(layer, calib)
         routing, evals = RoutingRecorder.record(layer, lambda: run_layer(layer, evals))
         if routing is not None:
             agreement[i] = RoutingRecorder.fraction(cache.routing[i], routing)
         probe = run_layer(layer, probe) if probe is not None else None
-        if i < layers[-1]:  # calibration inputs are needed only up to the last quantized layer
-            calib = run_layer(layer, calib)
         cache.release_layer(layer)
     return TrialResult(name, layers, cache.ppl_before, cache.eval_perplexity(evals), agreement, modules,
                        time.perf_counter() - started, cache.probe_nll(probe) if probe is not None else None)

@@ -7,6 +7,8 @@ from safetensors.torch import save_file
 from moeq.calibration import calibration_windows, coverage_advice, evaluation_windows, read_token_stream
 from moeq.errors import MoeqError
 
+from conftest import DATA, FIXTURES
+
 
 class _Tokenizer:
     """Byte-level stand-in: one token per character."""
@@ -51,3 +53,13 @@ def test_coverage_advice_scales_with_model_size():
     assert coverage_advice(17_000_000, 128, 512) == []
     advice = coverage_advice(46_700_000_000, 128, 512)
     assert "854" in advice[0] and "1024" in advice[1]
+
+
+@pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-qwen2-moe"])
+def test_text_gives_the_tokenizers_own_ids(model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / model)
+    text = (DATA / "calib.txt").read_text()[:50_000]
+    (tmp_path / "t.txt").write_text(text)
+    assert read_token_stream(tmp_path / "t.txt", tokenizer).tolist() == tokenizer(text)["input_ids"]

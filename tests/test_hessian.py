@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from moeq.errors import MoeqError
-from moeq.hessian import RoutedHessian
+from moeq.hessian import RoutedHessian, Scratch
 
 E, K = 4, 16
 
@@ -114,3 +114,34 @@ def test_errors():
         acc.finalize(policy="skip")
     with pytest.raises(ValueError, match="made for K=16"):
         acc.add(torch.randn(3, 8), torch.arange(3), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("k", [1, 7, 16])
+def test_gram_update_is_the_full_product_and_exactly_symmetric(k):
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(3))
+    acc = RoutedHessian(1, k)
+    acc.add_grouped(x[:100], torch.tensor([100]))
+    acc.add_grouped(x[100:], torch.tensor([200]))
+    torch.testing.assert_close(acc.H_sum[0].double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(acc.H_sum[0], acc.H_sum[0].T)
+
+
+def test_scratch_reuses_its_buffer_and_grows_when_needed():
+    scratch = Scratch()
+    a = scratch.take((4, 8), torch.float32, "cpu")
+    b = scratch.take((2, 8), torch.float32, "cpu")
+    assert a.shape == (4, 8) and b.shape == (2, 8) and b.data_ptr() == a.data_ptr()
+    c = scratch.take((5, 8), torch.float32, "cpu")
+    assert c.shape == (5, 8) and c.numel() == 40
+    assert scratch.take((3, 3), torch.float64, "cpu").dtype == torch.float64
+
+
+def test_gate_weighted_batches_do_not_share_state():
+    # the weighted copy lives in a reused buffer: a second batch must not see the first one's rows
+    x1, x2 = torch.randn(6, K), torch.randn(9, K)
+    w1, w2 = torch.rand(6), torch.rand(9)
+    acc = RoutedHessian(1, K)
+    acc.add_grouped(x1, torch.tensor([6]), w1)
+    acc.add_grouped(x2, torch.tensor([9]), w2)
+    x, w = torch.cat([x1, x2]).double(), torch.cat([w1, w2]).double()
+    torch.testing.assert_close(acc.H_sum[0].double(), (x * w[:, None]).T @ x, rtol=1e-5, atol=1e-5)
