@@ -319,10 +319,11 @@ def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Pla
                        "down" if stage == DOWN_STAGE else "in", inventory.num_experts,
                        any(e.scheme.gate_weighted for e in experts))
         on_stage(f"layer {layer_index} stage {stage}: collecting")
-        if stage >= O_STAGE and o_inputs is None:
+        if stage == O_STAGE:
             o_inputs = capture_inputs(layer, ATTENTION_OUTPUT, acts)
         if stage >= FIRST_MLP_STAGE and mlp_inputs is None:
             mlp_inputs = split_at_mlp(layer, acts, o_inputs)
+            o_inputs = None  # the MLP stages do not need it: free an activation-sized buffer
         with sites, torch.no_grad():
             if stage == INPUT_STAGE:
                 norm = layer.get_submodule(INPUT_NORM)
@@ -338,9 +339,7 @@ def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Pla
                     sites.run(lambda: module(x))
         on_stage(f"layer {layer_index} stage {stage}: solving {len(stage_entries)} tensors")
         results += _solve_stage(layer, stage_entries, slots, sites)
-    if o_inputs is None:  # neither o nor the MLP block was quantized
-        o_inputs = capture_inputs(layer, ATTENTION_OUTPUT, acts)
-    if mlp_inputs is None:
+    if mlp_inputs is None:  # no MLP stage ran
         mlp_inputs = split_at_mlp(layer, acts, o_inputs)
     return results, layer_outputs(layer, mlp_inputs, acts.kwargs)
 
@@ -366,9 +365,12 @@ def capture_inputs(layer, module_path: str, acts: LayerActivations) -> list[torc
     return captured
 
 
-def split_at_mlp(layer, acts: LayerActivations, o_inputs: list[torch.Tensor]) -> MlpInputs:
-    """The layer's state at its MLP block from o_proj's inputs [B, L, q_out] per batch, without re-running
-    attention: the layer's own residual add and post-attention norm on x + o_proj(o_input)."""
+def split_at_mlp(layer, acts: LayerActivations, o_inputs: list[torch.Tensor] | None) -> MlpInputs:
+    """The layer's state at its MLP block from o_proj's inputs [B, L, q_out] per batch (captured here when
+    None), without re-running attention: the layer's own residual add and post-attention norm on
+    x + o_proj(o_input)."""
+    if o_inputs is None:
+        o_inputs = capture_inputs(layer, ATTENTION_OUTPUT, acts)
     o_proj, norm = layer.get_submodule(ATTENTION_OUTPUT), layer.get_submodule(POST_ATTENTION_NORM)
     with torch.no_grad():
         residual = [hidden + o_proj(x) for hidden, x in zip(acts.batches, o_inputs)]
