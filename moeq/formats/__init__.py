@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -252,6 +252,15 @@ def ordered_cover(schemes: Mapping[str, Scheme | None], order: list) -> list[tup
             del unclaimed[n]
         out.append((scheme, patterns))
     return out
+
+
+def check_header_resolves(header: str, resolve: Callable[[str], Scheme | None],
+                          names: Mapping[str, Scheme | None]) -> None:
+    """Raise unless the written header's rules (`resolve`, the format's reader) give every module of `names`
+    its planned scheme: by construction they do, so a mismatch is a bug in the cover."""
+    for name, scheme in names.items():
+        if resolve(name) != scheme:
+            raise RuntimeError(f"{header} header resolves {name} to {resolve(name)}, expected {scheme}")
 
 
 def _cover(target: list[str], others: list[str], rest: list[str]) -> list[str]:

@@ -33,8 +33,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from moeq.formats import (FormatError, Scheme, as_scheme, check_quantized, check_tensor, count_schemes,
-                          engine_names, ordered_cover, pack_int32, unpack_words)
+from moeq.formats import (FormatError, Scheme, as_scheme, check_header_resolves, check_quantized, check_tensor,
+                          count_schemes, engine_names, ordered_cover, pack_int32, unpack_words)
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMAT = "pack-quantized"
@@ -133,10 +133,7 @@ def quantization_config(per_module: Mapping[str, object], *, vllm_groups: bool =
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
-    resolve = read_quantization_config(cfg)
-    for name, scheme in names.items():  # by construction; a mismatch is a bug in the cover
-        if resolve(name) != scheme:
-            raise RuntimeError(f"compressed-tensors header resolves {name} to {resolve(name)}, expected {scheme}")
+    check_header_resolves("compressed-tensors", read_quantization_config(cfg), names)
     return cfg
 
 

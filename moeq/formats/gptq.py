@@ -42,8 +42,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from moeq.formats import (VLLM_FUSED_LINEAR, FormatError, Scheme, as_scheme, check_quantized, check_tensor,
-                          count_schemes, engine_names, ordered_cover, pack_int32, pack_words, to_int32,
+from moeq.formats import (VLLM_FUSED_LINEAR, FormatError, Scheme, as_scheme, check_header_resolves, check_quantized,
+                          check_tensor, count_schemes, engine_names, ordered_cover, pack_int32, pack_words, to_int32,
                           unpack_words, values_per_word_run)
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -181,10 +181,7 @@ def quantization_config(per_module: Mapping[str, object], *, checkpoint_format: 
         "lm_head": any(s is not None for n, s in schemes.items() if _is_lm_head(n)),
         "dynamic": dynamic,
     }
-    resolve = read_quantization_config(cfg)
-    for name, scheme in names.items():  # by construction; a mismatch is a bug in the cover
-        if resolve(name) != scheme:
-            raise RuntimeError(f"GPTQ header resolves {name} to {resolve(name)}, expected {scheme}")
+    check_header_resolves("GPTQ", read_quantization_config(cfg), names)
     return cfg
 
 
