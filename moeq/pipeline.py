@@ -14,6 +14,8 @@ correction bias) is the model's own. One function serves every family; no tracin
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -78,6 +80,33 @@ class MlpInputs:
 
     residual: list[torch.Tensor]                  # each [B, L, H]: x + self_attn(input_layernorm(x))
     normed: list[torch.Tensor]                    # each [B, L, H]: post_attention_layernorm(residual)
+
+
+@dataclass(frozen=True)
+class RoutedPairs:
+    """One batch's (token, expert) routing pairs, grouped by expert (each expert's pairs in token order)."""
+
+    flat: torch.Tensor     # [P] index t * k + j of each pair in top_k_index.reshape(-1)
+    tokens: torch.Tensor   # [P] the pair's token t
+    counts: torch.Tensor   # [E] pairs per expert
+    weights: torch.Tensor  # [P] the pair's routing weight
+    top_k: int
+
+
+def routed_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> RoutedPairs:
+    """top_k_index, top_k_weights [T, k] as the experts module receives them -> RoutedPairs."""
+    experts = top_k_index.reshape(-1)
+    keep = experts < num_experts  # index == E marks a dropped pair (expert parallelism)
+    order, counts = group_by_expert(experts[keep], num_experts)
+    flat = torch.arange(experts.numel(), device=experts.device)[keep][order]
+    k = top_k_index.shape[1]
+    return RoutedPairs(flat, flat // k, counts, top_k_weights.reshape(-1)[flat], k)
+
+
+def _experts_args(args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) from an experts module call."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    return tuple((list(args) + [kwargs[n] for n in names[len(args):]])[:3])
 
 
 class _StageDone(Exception):
@@ -163,6 +192,26 @@ def run_layer(layer, acts: LayerActivations) -> LayerActivations:
     return LayerActivations(outputs, acts.kwargs)
 
 
+@dataclass(frozen=True)
+class KeptIntermediate:
+    """The down stage's input for one batch, for the layer's output pass."""
+
+    counts: torch.Tensor              # [E] pairs per expert, to check the output pass routes the same
+    values: torch.Tensor | None       # [P] x [I] grouped by expert, None when not kept (recomputed)
+
+
+def intermediate_budget(layer) -> int:
+    """Bytes of down-stage inputs kept for the output pass (which then skips recomputing gate/up):
+    half the memory free on the layer's device when the down stage starts."""
+    device = next(layer.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):  # no such sysconf name on this platform: recompute
+        return 0
+
+
 class _Sites:
     """Forward pre-hooks that accumulate the Hessians of one stage of one layer.
 
@@ -183,7 +232,10 @@ class _Sites:
         self.owner: dict[str, str] = {}                # module -> accumulator key (shared inputs)
         self._inputs: dict[str, torch.Tensor] = {}     # this batch's input per linear module
         self._experts_seen = False
-        self._intermediate = Scratch()                 # the down stage's [P, I] of each batch
+        self._intermediate = Scratch()                 # the down stage's [P, I] of a batch not kept
+        self.intermediates: list[KeptIntermediate] = []  # the down stage's, per batch
+        self.keep_budget = intermediate_budget(layer) if experts_input == "down" else 0
+        self.kept_bytes = 0
         self._handles = []
 
     def __enter__(self):
@@ -235,24 +287,31 @@ class _Sites:
         return hook
 
     def _experts_hook(self, module, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        hidden, top_k_index, top_k_weights = (list(args) + [kwargs[n] for n in names[len(args):]])[:3]
-        tokens = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(top_k_index.shape[1])
-        experts = top_k_index.reshape(-1)
-        keep = experts < self.num_experts  # index == E marks a dropped pair (expert parallelism)
-        order, counts = group_by_expert(experts[keep], self.num_experts)
-        tokens = tokens[keep][order]  # [P] grouped by expert
+        hidden, top_k_index, top_k_weights = _experts_args(args, kwargs)
+        pairs = routed_pairs(top_k_index, top_k_weights, self.num_experts)
         # The MoE output is sum_k w_k * expert_k(x): an expert's output error reaches the block scaled by its
         # gate weight, so gate weighting (AGQ) weights each pair's x x^T by w^2.
-        weights = top_k_weights.reshape(-1)[keep][order].float() ** 2 if self.gate_weighted else None
+        weights = pairs.weights.float() ** 2 if self.gate_weighted else None
         if self.experts_input == "down":
-            out = self._intermediate.take((tokens.numel(), module.down_proj.shape[-1]), hidden.dtype, hidden.device)
-            xs = _expert_intermediate(module, hidden, tokens, counts, out)
+            xs = self._intermediate_for(module, hidden, pairs)
         else:
-            xs = hidden[tokens]
-        self._accumulate(self.experts_module, xs, counts, weights)
+            xs = hidden[pairs.tokens]
+        self._accumulate(self.experts_module, xs, pairs.counts, weights)
         self._experts_seen = True
         self._check_done()
+
+    def _intermediate_for(self, module, hidden, pairs: RoutedPairs) -> torch.Tensor:
+        """The down stage's input [P, I] for one batch, kept for the layer's output pass while the kept
+        ones fit the budget (else computed into the reused buffer, and again by that pass)."""
+        shape = (pairs.tokens.numel(), module.down_proj.shape[-1])
+        nbytes = shape[0] * shape[1] * hidden.element_size()
+        keep = self.kept_bytes + nbytes <= self.keep_budget
+        out = (torch.empty(shape, dtype=hidden.dtype, device=hidden.device) if keep
+               else self._intermediate.take(shape, hidden.dtype, hidden.device))
+        xs = _expert_intermediate(module, hidden, pairs.tokens, pairs.counts, out)
+        self.intermediates.append(KeptIntermediate(pairs.counts, xs if keep else None))
+        self.kept_bytes += nbytes if keep else 0
+        return xs
 
     def _accumulate(self, key, xs, counts, weights):
         """xs [P, K] grouped by expert, counts [E] (E = 1 for a linear module), weights [P] or None."""
@@ -275,6 +334,22 @@ def _expert_intermediate(module, hidden, tokens, counts, out: torch.Tensor) -> t
             torch.mul(module.act_fn(gate), up, out=out[rows])
             start += n
     return out
+
+
+def _experts_output(module, hidden, pairs: RoutedPairs, intermediate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The experts module's output [T, H] from the pairs' intermediates [P, I] (see _expert_intermediate):
+    per token, the sum over its top-k pairs of weight * down_e(intermediate), reduced as transformers'
+    experts forward reduces it (weights in their own dtype, then a sum over k). out [P, H]: scratch."""
+    start = 0
+    for e, n in enumerate(pairs.counts.tolist()):
+        if n:
+            rows = slice(start, start + n)
+            torch.mm(intermediate[rows], module.down_proj[e].T, out=out[rows])
+            start += n
+    weighted = out * pairs.weights[:, None]
+    per_slot = weighted.new_zeros(hidden.shape[0] * pairs.top_k, hidden.shape[1])  # [T * k, H]; dropped pairs 0
+    per_slot[pairs.flat] = weighted
+    return per_slot.view(hidden.shape[0], pairs.top_k, -1).sum(dim=1).to(hidden.dtype)
 
 
 def _solve(weight: torch.Tensor, hessian: torch.Tensor, scheme) -> tuple[QuantizedTensor, torch.Tensor, dict]:
@@ -300,7 +375,9 @@ def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Pla
     The input stage's projections read input_layernorm(x); MLA's q_b/kv_b stage runs the layer's forward,
     cut short at its modules. Attention then runs once, cut short at o_proj; the o stage runs o_proj on
     those inputs, and the MLP stages and the outputs run only the MLP block on its inputs
-    (residual + o_proj, normed), computed once o is quantized.
+    (residual + o_proj, normed), computed once o is quantized. The output pass takes the routed experts'
+    act(gate) * up from the down stage, which computed them with the quantized gate/up (kept while they
+    fit in half the free memory, else recomputed the same way, bit for bit).
     """
     inventory = plan.inventory
     by_stage: dict[int, list[TensorPlan]] = {}
@@ -310,6 +387,7 @@ def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Pla
     results: list[ModuleResult] = []
     o_inputs: list[torch.Tensor] | None = None
     mlp_inputs: MlpInputs | None = None
+    kept = None  # (experts module, the down stage's intermediates) for the output pass
     for stage in sorted(by_stage):
         stage_entries = by_stage[stage]
         slots = {e.tensor.name: weight_slot(e.tensor, inventory) for e in stage_entries}
@@ -339,9 +417,41 @@ def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Pla
                     sites.run(lambda: module(x))
         on_stage(f"layer {layer_index} stage {stage}: solving {len(stage_entries)} tensors")
         results += _solve_stage(layer, stage_entries, slots, sites)
+        if stage == DOWN_STAGE and sites.experts_module:
+            kept = (sites.experts_module, sites.intermediates)
+        del sites  # its Hessians
     if mlp_inputs is None:  # no MLP stage ran
         mlp_inputs = split_at_mlp(layer, acts, o_inputs)
-    return results, layer_outputs(layer, mlp_inputs, acts.kwargs)
+    with replayed_experts(layer, *kept, inventory.num_experts) if kept else nullcontext():
+        return results, layer_outputs(layer, mlp_inputs, acts.kwargs)
+
+
+@contextmanager
+def replayed_experts(layer, experts_path: str, kept: list[KeptIntermediate], num_experts: int):
+    """Within: the routed experts module computes its output from the down stage's intermediates, batch by
+    batch in order (recomputing those not kept, bit for bit), instead of running gate/up again."""
+    module = layer.get_submodule(experts_path)
+    batches = iter(kept)
+    outputs, recomputed = Scratch(), Scratch()
+
+    def forward(*args, **kwargs):
+        hidden, top_k_index, top_k_weights = _experts_args(args, kwargs)
+        pairs = routed_pairs(top_k_index, top_k_weights, num_experts)
+        batch = next(batches, None)
+        if batch is None or not torch.equal(batch.counts, pairs.counts):
+            raise MoeqError(f"{experts_path}: the output pass routes tokens differently from the down stage")
+        P, H = pairs.tokens.numel(), hidden.shape[1]
+        intermediate = batch.values
+        if intermediate is None:
+            buffer = recomputed.take((P, module.down_proj.shape[-1]), hidden.dtype, hidden.device)
+            intermediate = _expert_intermediate(module, hidden, pairs.tokens, pairs.counts, buffer)
+        return _experts_output(module, hidden, pairs, intermediate, outputs.take((P, H), hidden.dtype, hidden.device))
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 def capture_inputs(layer, module_path: str, acts: LayerActivations) -> list[torch.Tensor]:

@@ -4,9 +4,10 @@ import torch
 from moeq.calibration import calibration_windows
 from moeq.hessian import RoutedHessian
 from moeq.inventory import inventory_from_checkpoint
+from moeq import pipeline
 from moeq.pipeline import (ATTENTION_OUTPUT, INPUT_STAGE, MLP_BLOCK, ModuleResult, _expert_intermediate,
-                           _tensor_stage, build_skeleton, capture_inputs, capture_layer_inputs, layer_outputs,
-                           load_model_tensor, quantize_layer, run_layer, split_at_mlp)
+                           _experts_output, _tensor_stage, build_skeleton, capture_inputs, capture_layer_inputs,
+                           layer_outputs, load_model_tensor, quantize_layer, routed_pairs, run_layer, split_at_mlp)
 from moeq.plan import make_plan
 from moeq.quant_format import QuantFormat, rtn
 from moeq.recipe import load_recipe
@@ -169,11 +170,37 @@ def test_layer_shortcut_equals_the_decoder_layer_forward(tiny_checkpoints, kind)
         assert all(torch.equal(a, b) for a, b in zip(full, shortcut)), f"{kind} layer {i}"
 
 
-def test_quantize_layer_outputs_are_the_quantized_layers_forward(tiny_checkpoints):
-    plan, layer, acts, _ = _resident_layer(tiny_checkpoints["qwen2_moe"], "qwen2_moe", ["defaults.group_size=32"],
-                                           tokens=(8, 32))
-    results, outputs = quantize_layer(layer, 0, [e for e in plan.entries if e.tensor.layer == 0], plan, acts)
-    assert {r.role for r in results} >= {"attn", "expert", "shared_expert"}
-    full = run_layer(layer, acts).batches
-    assert len(outputs.batches) == len(full) == 1
-    assert torch.equal(outputs.batches[0], full[0])
+def test_quantize_layer_outputs_are_the_quantized_layers_forward(tiny_checkpoints, monkeypatch):
+    # The output pass reuses the down stage's intermediates, or recomputes those over the memory budget:
+    # both give the same bits, and the quantized layer's forward (transformers' grouped experts) up to rounding.
+    calls = []
+    intermediate = pipeline._expert_intermediate
+    monkeypatch.setattr(pipeline, "_expert_intermediate", lambda *a: calls.append(1) or intermediate(*a))
+    outputs = {}
+    for budget in (None, 0):
+        if budget is not None:
+            monkeypatch.setattr(pipeline, "intermediate_budget", lambda layer: budget)
+        calls.clear()
+        plan, layer, acts, _ = _resident_layer(tiny_checkpoints["qwen2_moe"], "qwen2_moe",
+                                               ["defaults.group_size=32"], tokens=(16, 32))
+        results, out = quantize_layer(layer, 0, [e for e in plan.entries if e.tensor.layer == 0], plan, acts)
+        assert {r.role for r in results} >= {"attn", "expert", "shared_expert"}
+        assert len(out.batches) == len(acts.batches) == 2
+        assert len(calls) == len(acts.batches) * (1 if budget is None else 2)  # kept: gate/up run once
+        for a, b in zip(out.batches, run_layer(layer, acts).batches):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        outputs[budget] = out.batches
+    assert all(torch.equal(a, b) for a, b in zip(outputs[None], outputs[0]))
+
+
+def test_experts_output_matches_the_experts_forward():
+    plan, layer, acts, _ = _resident_layer(FIXTURES / "demo-mixtral", "mixtral")
+    experts = layer.mlp.experts
+    x = torch.randn(6, 128)
+    top_k_index = torch.tensor([[0, 3], [3, 5], [1, 0], [5, 3], [0, 1], [7, 2]])
+    top_k_weights = torch.rand(6, 2)
+    pairs = routed_pairs(top_k_index, top_k_weights, 8)
+    assert pairs.tokens.tolist() == [0, 2, 4, 2, 4, 5, 0, 1, 3, 1, 3, 5]  # experts 0 | 1 | 2 | 3 | 5 | 7
+    inter = _expert_intermediate(experts, x, pairs.tokens, pairs.counts, torch.empty(12, 256))
+    out = _experts_output(experts, x, pairs, inter, torch.empty(12, 128))
+    torch.testing.assert_close(out, experts(x, top_k_index, top_k_weights))
