@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,13 +78,18 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    calib_ids = calibration_windows(read_token_stream(config.calib, tokenizer, config.text_field),
-                                    config.calib_samples, config.seq_len, config.seed)
-    eval_ids = None
-    if config.eval is not None:
-        eval_ids = evaluation_windows(read_token_stream(config.eval, tokenizer, config.text_field),
-                                      config.eval_windows, config.seq_len)
+    # the skeleton (importing transformers' modeling code: seconds of Python) is built while the Rust
+    # tokenizer, which releases the GIL, reads the text
+    with ThreadPoolExecutor(1) as pool:
+        skeleton = pool.submit(build_skeleton, inventory.config, device, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        calib_ids = calibration_windows(read_token_stream(config.calib, tokenizer, config.text_field),
+                                        config.calib_samples, config.seq_len, config.seed)
+        eval_ids = None
+        if config.eval is not None:
+            eval_ids = evaluation_windows(read_token_stream(config.eval, tokenizer, config.text_field),
+                                          config.eval_windows, config.seq_len)
+        model = skeleton.result()
     num_params = sum(t.numel for t in inventory.tensors)
     for advice in coverage_advice(num_params, config.calib_samples, config.seq_len):
         log(f"warning: {advice}")
@@ -91,7 +97,6 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
         f"from {config.calib}" + (f"; evaluation: {eval_ids.numel()} tokens from {config.eval}" if eval_ids is not None else ""))
 
     reader = ShardReader(inventory)
-    model = build_skeleton(inventory.config, device, dtype)
     load_model_tensor(model, reader, plan, "model.embed_tokens.weight", device, dtype)
     calib_batches = _batches(calib_ids, config.batch_size)
     eval_batches = _batches(eval_ids, config.batch_size) if eval_ids is not None else []
