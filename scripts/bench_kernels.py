@@ -161,14 +161,16 @@ def cfg_str(c):
 
 def sweep_candidates(rows, gemm):
     """Configs to time for one GEMM at this many rows per expert; for the down GEMM the first four
-    are also tried with split-K. swap: weights as the register MMA operand; int: integer MMA."""
+    (and at <= 32 rows the two 32-weight-row tiles) are tried with split-K. swap: weights as the register MMA operand; int: integer MMA."""
     def c(bm, bn, bk, w, st, swap=False, int_mma=False):
         return GemmConfig(bm, bn, bk, 1, 8, w, st, swap, int_mma)
     if rows <= 32:
         bm = 16 if rows <= 16 else 32
         base = [c(bm, 128, 128, 4, 4, True, True), c(bm, 64, 128, 4, 4, True, True), c(bm, 128, 128, 4, 4, True),
                 c(bm, 128, 64, 4, 4, True, True), c(bm, 256, 128, 8, 4, True, True), c(bm, 128, 128, 4, 3, True, True),
-                c(bm, 64, 128, 4, 6, True, True), c(64, 128, 64, 4, 4, False, True)]
+                c(bm, 64, 128, 4, 6, True, True), c(64, 128, 64, 4, 4, False, True),
+                c(bm, 32, 128, 4, 4, True, True), c(bm, 32, 128, 2, 4, True, True), c(bm, 64, 128, 2, 4, True, True),
+                c(bm, 32, 128, 4, 6, True, True)]
     elif rows <= 128:
         base = [c(64, 128, 64, 4, 4, True), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, True),
                 c(128, 128, 64, 4, 4, True), c(64, 256, 64, 8, 3, True), c(128, 128, 64, 8, 3),
@@ -177,9 +179,10 @@ def sweep_candidates(rows, gemm):
         base = [c(128, 128, 64, 8, 3, True), c(256, 128, 64, 8, 3, True), c(128, 128, 128, 8, 3, True, True),
                 c(128, 128, 64, 8, 3), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, False, True),
                 c(128, 128, 64, 4, 3, True), c(64, 256, 64, 8, 3, True)]
-    if gemm == "down":
+    if gemm == "down":  # split-K for the first four and, at few rows, the 32-weight-row tiles
         splits = (1, 2, 4, 8) if rows <= 32 else (1, 2)
-        base = [dataclasses.replace(c, split_k=s) for c in base[:4] for s in splits]
+        thin = base[8:10] if rows <= 32 else []
+        base = [dataclasses.replace(c, split_k=s) for c in base[:4] + thin for s in splits]
     return base
 
 
