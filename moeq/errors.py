@@ -15,3 +15,7 @@ class CheckpointError(MoeqError):
 
 class RecipeError(MoeqError):
     pass
+
+
+class GraphCaptureError(MoeqError):
+    pass
