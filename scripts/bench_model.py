@@ -4,13 +4,17 @@
 
 Rows: the original bf16 model (transformers), moeq.load on CUDA with the Triton kernels, moeq.load on
 CUDA dequantized (kernels=False), and the CPU float32 reference path. Columns: perplexity on the eval
-windows, prefill tokens/s (one batch of windows), decode tokens/s (greedy, batch 1 and batch 16, 64 new tokens).
+windows, prefill tokens/s (one batch of windows), decode tokens/s (greedy, batch 1 and batch 16, 64 new tokens
+after a 32-token prompt) with transformers' generate and with moeq.decode.greedy_generate, whose decode step
+is one CUDA graph replay (each timed call includes its prefill, warm-up steps and capture). A row whose step
+cannot be captured shows n/a, and the reason is printed under the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moeq
 from moeq.calibration import evaluation_windows, read_token_stream
+from moeq.decode import greedy_generate
+from moeq.errors import GraphCaptureError
 from moeq.evaluate import model_perplexity
 
 
@@ -38,15 +44,24 @@ def prefill_tokens_per_s(model, windows: torch.Tensor, device) -> float:
     return 3 * ids.numel() / (time.perf_counter() - started)
 
 
-def decode_tokens_per_s(model, prompt: torch.Tensor, device, batch: int, new_tokens: int = 64) -> float:
+def hf_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def decode_tokens_per_s(generate, prompt: torch.Tensor, device, batch: int, new_tokens: int = 64) -> float:
+    """generate(ids [batch, 32], new_tokens) timed end to end, prefill included."""
     ids = prompt[:1, :32].repeat(batch, 1).to(device)
     with torch.no_grad():
         for _ in range(2):  # the first run compiles every kernel variant decoding meets; the second is timed
             _sync(device)
             started = time.perf_counter()
-            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            generate(ids, new_tokens)
         _sync(device)
     return batch * new_tokens / (time.perf_counter() - started)
+
+
+def _cell(value: float | None) -> str:
+    return f"{'n/a':>10s}" if value is None else f"{value:10.1f}"
 
 
 def main() -> None:
@@ -68,20 +83,32 @@ def main() -> None:
         ("moeq.load cuda, dequantized", lambda: moeq.load(args.quantized, "cuda", kernels=False), cuda),
         ("moeq.load cpu fp32 reference", lambda: moeq.load(args.quantized, "cpu"), torch.device("cpu")),
     ]
+    failures = []
     for name, make, device in candidates:
         model = make()
         ppl = model_perplexity(model, windows)
-        fast = device.type == "cuda"
-        rows.append((name, ppl, prefill_tokens_per_s(model, windows[:16], device) if fast else float("nan"),
-                     decode_tokens_per_s(model, windows, device, 1) if fast else float("nan"),
-                     decode_tokens_per_s(model, windows, device, 16) if fast else float("nan")))
+        if device.type != "cuda":
+            rows.append((name, ppl) + (float("nan"),) * 5)
+            continue
+        prefill = prefill_tokens_per_s(model, windows[:16], device)
+        decode = [decode_tokens_per_s(partial(hf_generate, model), windows, device, b) for b in (1, 16)]
+        try:
+            graph = [decode_tokens_per_s(partial(greedy_generate, model), windows, device, b) for b in (1, 16)]
+        except GraphCaptureError as err:
+            graph = [None, None]
+            failures.append(f"{name}: {err}")
+        rows.append((name, ppl, prefill, *decode, *graph))
         del model
         torch.cuda.empty_cache()
     reference = rows[-1][1]
     print(f"\n{Path(args.quantized).name} on {torch.cuda.get_device_name()}; eval {windows.shape[0]} x {windows.shape[1]}")
-    print(f"{'path':32s} {'ppl':>9s} {'vs cpu ref':>10s} {'prefill tok/s':>13s} {'decode b1':>10s} {'decode b16':>10s}")
-    for name, ppl, prefill, d1, d16 in rows:
-        print(f"{name:32s} {ppl:9.3f} {100 * (ppl / reference - 1):+9.3f}% {prefill:13.0f} {d1:10.1f} {d16:10.1f}")
+    print(f"{'path':32s} {'ppl':>9s} {'vs cpu ref':>10s} {'prefill tok/s':>13s} {'decode b1':>10s} {'decode b16':>10s} "
+          f"{'graph b1':>10s} {'graph b16':>10s}")
+    for name, ppl, prefill, d1, d16, g1, g16 in rows:
+        print(f"{name:32s} {ppl:9.3f} {100 * (ppl / reference - 1):+9.3f}% {prefill:13.0f} {d1:10.1f} {d16:10.1f} "
+              f"{_cell(g1)} {_cell(g16)}")
+    for line in failures:
+        print(f"n/a: {line}")
 
 
 if __name__ == "__main__":
