@@ -120,7 +120,7 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     if kernels and (inventory.config.hidden_act != "silu" or dtype not in (torch.bfloat16, torch.float16)):
         raise CheckpointError(f"{path}: the kernels run SiLU experts with bf16/fp16 activations; "
                               f"this model has {inventory.config.hidden_act} and dtype {dtype}: pass kernels=False")
-    model = build_skeleton(inventory.config, device, dtype)
+    model = build_skeleton(inventory.config, device, dtype, use_cache=True)
     for i in range(inventory.num_layers):
         layer = load_layer(model, checkpoint, i, device, dtype)
         if kernels:

@@ -14,6 +14,7 @@ correction bias) is the model's own. One function serves every family; no tracin
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -126,11 +127,13 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-def build_skeleton(config, device: torch.device, dtype: torch.dtype):
-    """The model with every parameter on the meta device except embeddings and rotary tables."""
+def build_skeleton(config, device: torch.device, dtype: torch.dtype, use_cache: bool = False):
+    """The model with every parameter on the meta device except embeddings and rotary tables. use_cache:
+    whether its forward and generate() keep a KV cache by default (calibration has no use for one)."""
     from transformers import AutoModelForCausalLM
 
-    config.use_cache = False
+    config = copy.copy(config)  # the inventory's config stays as read
+    config.use_cache = use_cache
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     rotary = model.model.rotary_emb

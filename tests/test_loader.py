@@ -45,6 +45,16 @@ def test_loaded_model_reproduces_the_measured_perplexity(quantized, fmt):
     assert ppl == pytest.approx(report.perplexity["after"], rel=1e-3)
 
 
+def test_loaded_model_generates_with_a_kv_cache(quantized):
+    # calibration builds the model without a cache; generate() on a loaded model must keep one
+    model = load(quantized["gptq"][0])
+    ids = _eval_windows()[:1, :16]
+    assert model.config.use_cache and model(input_ids=ids).past_key_values is not None
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    uncached = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(out, uncached)
+
+
 def test_formats_hold_the_same_weights(quantized):
     a = StoredCheckpoint(quantized["gptq"][0])
     b = StoredCheckpoint(quantized["compressed-tensors"][0])
