@@ -237,6 +237,7 @@ class _Sites:
         self._inputs: dict[str, torch.Tensor] = {}     # this batch's input per linear module
         self._experts_seen = False
         self._intermediate = Scratch()                 # the down stage's [P, I] of a batch not kept
+        self._gate_up = Scratch()                      # and its per-expert work space
         self.intermediates: list[KeptIntermediate] = []  # the down stage's, per batch
         self.keep_budget = intermediate_budget(layer) if experts_input == "down" else 0
         self.kept_bytes = 0
@@ -312,7 +313,7 @@ class _Sites:
         keep = self.kept_bytes + nbytes <= self.keep_budget
         out = (torch.empty(shape, dtype=hidden.dtype, device=hidden.device) if keep
                else self._intermediate.take(shape, hidden.dtype, hidden.device))
-        xs = _expert_intermediate(module, hidden, pairs.tokens, pairs.counts, out)
+        xs = _expert_intermediate(module, hidden, pairs.tokens, pairs.counts, out, self._gate_up)
         self.intermediates.append(KeptIntermediate(pairs.counts, xs if keep else None))
         self.kept_bytes += nbytes if keep else 0
         return xs
@@ -327,14 +328,19 @@ class _Sites:
         return self.hessians[self.owner.get(module_path, module_path)]
 
 
-def _expert_intermediate(module, hidden, tokens, counts, out: torch.Tensor) -> torch.Tensor:
+def _expert_intermediate(module, hidden, tokens, counts, out: torch.Tensor, work: Scratch | None = None) -> torch.Tensor:
     """act(x W_gate^T) * (x W_up^T) for routing pairs grouped by expert (tokens [P]: expert 0's counts[0]
-    tokens, then expert 1's, ...), written in the same order into out [P, I], which is returned."""
+    tokens, then expert 1's, ...), written in the same order into out [P, I], which is returned. Each
+    expert's gathered rows [n, H] and gate/up product [n, 2I] go into `work`, reused across calls."""
+    work = work or Scratch()
+    H, two_i = hidden.shape[1], module.gate_up_proj.shape[1]
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n:
             rows = slice(start, start + n)
-            gate, up = torch.nn.functional.linear(hidden[tokens[rows]], module.gate_up_proj[e]).chunk(2, dim=-1)
+            flat = work.take((n * (H + two_i),), hidden.dtype, hidden.device)
+            x = torch.index_select(hidden, 0, tokens[rows], out=flat[:n * H].view(n, H))
+            gate, up = torch.mm(x, module.gate_up_proj[e].T, out=flat[n * H:].view(n, two_i)).chunk(2, dim=-1)
             torch.mul(module.act_fn(gate), up, out=out[rows])
             start += n
     return out
@@ -436,7 +442,7 @@ def replayed_experts(layer, experts_path: str, kept: list[KeptIntermediate], num
     batch in order (recomputing those not kept, bit for bit), instead of running gate/up again."""
     module = layer.get_submodule(experts_path)
     batches = iter(kept)
-    outputs, recomputed = Scratch(), Scratch()
+    outputs, recomputed, work = Scratch(), Scratch(), Scratch()
 
     def forward(*args, **kwargs):
         hidden, top_k_index, top_k_weights = _experts_args(args, kwargs)
@@ -448,7 +454,7 @@ def replayed_experts(layer, experts_path: str, kept: list[KeptIntermediate], num
         intermediate = batch.values
         if intermediate is None:
             buffer = recomputed.take((P, module.down_proj.shape[-1]), hidden.dtype, hidden.device)
-            intermediate = _expert_intermediate(module, hidden, pairs.tokens, pairs.counts, buffer)
+            intermediate = _expert_intermediate(module, hidden, pairs.tokens, pairs.counts, buffer, work)
         return _experts_output(module, hidden, pairs, intermediate, outputs.take((P, H), hidden.dtype, hidden.device))
 
     module.forward = forward
