@@ -200,7 +200,7 @@ class KeptIntermediate:
     """The down stage's input for one batch, for the layer's output pass."""
 
     counts: torch.Tensor              # [E] pairs per expert, to check the output pass routes the same
-    values: torch.Tensor | None       # [P] x [I] grouped by expert, None when not kept (recomputed)
+    values: torch.Tensor | None       # [P, I] grouped by expert; None when not kept (recomputed)
 
 
 def intermediate_budget(layer) -> int:
