@@ -13,7 +13,7 @@ import moeq
 from moeq.decode import decode_step, greedy_generate
 from moeq.errors import GraphCaptureError
 
-from conftest import EXAMPLES, FIXTURES
+from conftest import EXAMPLES, FIXTURES, quantize_demo_for_kernels
 
 MODELS = ["tiny-mixtral", "tiny-qwen2-moe"]
 PROMPT_LEN, NEW_TOKENS = 16, 12
@@ -111,18 +111,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need
 @pytest.fixture(scope="module")
 def quantized_demo(tmp_path_factory):
     """demo-mixtral with int4 attention and experts: every layer runs on KernelExperts / KernelLinear on CUDA."""
-    from moeq.inventory import inventory_from_checkpoint
-    from moeq.plan import make_plan
-    from moeq.quantize import QuantizeConfig, quantize_model
-    from moeq.recipe import load_recipe
-
-    out = tmp_path_factory.mktemp("decode") / "q"
-    # attention int4 g32 asymmetric, experts int4 g128 symmetric (as tests/test_runtime.py)
-    plan = make_plan(inventory_from_checkpoint(FIXTURES / "demo-mixtral"),
-                     load_recipe("mixtral", ["rules.0.bits=4", "rules.0.group_size=32", "rules.0.sym=false"]))
-    quantize_model(plan, QuantizeConfig(calib=EXAMPLES / "calib.txt", out=out, calib_samples=8, seq_len=64,
-                                        device="cpu"), log=lambda *a: None)
-    return out
+    return quantize_demo_for_kernels(tmp_path_factory.mktemp("decode") / "q")
 
 
 @gpu

@@ -2,30 +2,18 @@
 dequantized reference modules. fp16 activations: the interpreter has no native bf16 (see
 tests/triton_kernels/conftest.py); the GPU runs of scripts/bench_model.py cover bf16."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import moeq
 from moeq.runtime import KernelExperts, KernelLinear
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from conftest import quantize_demo_for_kernels
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from moeq.inventory import inventory_from_checkpoint
-    from moeq.plan import make_plan
-    from moeq.quantize import QuantizeConfig, quantize_model
-    from moeq.recipe import load_recipe
-
-    out = tmp_path_factory.mktemp("rt") / "q"
-    # attention int4 g32 asymmetric, experts int4 g128 symmetric: both kernel weight formats
-    plan = make_plan(inventory_from_checkpoint(EXAMPLES / "demo-mixtral"),
-                     load_recipe("mixtral", ["rules.0.bits=4", "rules.0.group_size=32", "rules.0.sym=false"]))
-    quantize_model(plan, QuantizeConfig(calib=EXAMPLES / "calib.txt", out=out, calib_samples=8, seq_len=64,
-                                        device="cpu"), log=lambda *a: None)
+    out = quantize_demo_for_kernels(tmp_path_factory.mktemp("rt") / "q")
     return (moeq.load(out, "cpu", dtype=torch.float16, kernels=False),
             moeq.load(out, "cpu", dtype=torch.float16, kernels=True))
 
