@@ -328,11 +328,10 @@ class _Sites:
         return self.hessians[self.owner.get(module_path, module_path)]
 
 
-def _expert_intermediate(module, hidden, tokens, counts, out: torch.Tensor, work: Scratch | None = None) -> torch.Tensor:
+def _expert_intermediate(module, hidden, tokens, counts, out: torch.Tensor, work: Scratch) -> torch.Tensor:
     """act(x W_gate^T) * (x W_up^T) for routing pairs grouped by expert (tokens [P]: expert 0's counts[0]
     tokens, then expert 1's, ...), written in the same order into out [P, I], which is returned. Each
     expert's gathered rows [n, H] and gate/up product [n, 2I] go into `work`, reused across calls."""
-    work = work or Scratch()
     H, two_i = hidden.shape[1], module.gate_up_proj.shape[1]
     start = 0
     for e, n in enumerate(counts.tolist()):

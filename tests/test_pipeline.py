@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from moeq.calibration import calibration_windows
-from moeq.hessian import RoutedHessian
+from moeq.hessian import RoutedHessian, Scratch
 from moeq.inventory import inventory_from_checkpoint
 from moeq import pipeline
 from moeq.pipeline import (ATTENTION_OUTPUT, INPUT_STAGE, MLP_BLOCK, ModuleResult, _expert_intermediate,
@@ -117,7 +117,8 @@ def test_expert_intermediate_matches_the_experts_forward():
     x = torch.randn(10, 128)
     tokens = torch.tensor([7, 0, 9, 0, 3])           # grouped by expert: 0 | 1, 1 | 5, 5
     ids = torch.tensor([0, 1, 1, 5, 5])
-    inter = _expert_intermediate(experts, x, tokens, torch.bincount(ids, minlength=8), torch.empty(5, 256))
+    inter = _expert_intermediate(experts, x, tokens, torch.bincount(ids, minlength=8), torch.empty(5, 256),
+                                 Scratch())
     for p in range(5):
         gate, up = (x[tokens[p]] @ experts.gate_up_proj[ids[p]].T).chunk(2)
         torch.testing.assert_close(inter[p], torch.nn.functional.silu(gate) * up)
@@ -201,6 +202,6 @@ def test_experts_output_matches_the_experts_forward():
     top_k_weights = torch.rand(6, 2)
     pairs = routed_pairs(top_k_index, top_k_weights, 8)
     assert pairs.tokens.tolist() == [0, 2, 4, 2, 4, 5, 0, 1, 3, 1, 3, 5]  # experts 0 | 1 | 2 | 3 | 5 | 7
-    inter = _expert_intermediate(experts, x, pairs.tokens, pairs.counts, torch.empty(12, 256))
+    inter = _expert_intermediate(experts, x, pairs.tokens, pairs.counts, torch.empty(12, 256), Scratch())
     out = _experts_output(experts, x, pairs, inter, torch.empty(12, 128))
     torch.testing.assert_close(out, experts(x, top_k_index, top_k_weights))
