@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -64,7 +64,11 @@ class ModuleResult:
     rel_loss: float        # the same relative to the output's energy tr(W H W^T) / N
     damp: float            # relative damping used (raised when the Hessian was not positive definite)
     fallback: str | None   # starved-expert policy applied: "shrink" | "rtn" | None
-    quantized: QuantizedTensor = field(repr=False, compare=False)
+    quantized: QuantizedTensor | None = field(repr=False, compare=False)  # None once written (numbers_only)
+
+    def numbers_only(self) -> ModuleResult:
+        """This result without its quantized tensors, for reports kept after the tensors are written."""
+        return replace(self, quantized=None)
 
 
 @dataclass(frozen=True)

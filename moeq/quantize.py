@@ -131,7 +131,9 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
             routing_fp, eval_fp = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_fp))
         entries = [e for e in plan.entries if e.tensor.layer == i]
         layer_results, calib = quantize_layer(layer, i, entries, plan, calib, on_stage=bar.set_postfix_str)
-        results += layer_results
+        # the shard below holds the tensors: keeping them (and saving them in every resume state) would
+        # hold the whole quantized model in memory and write it again after every layer
+        results += [r.numbers_only() for r in layer_results]
         if eval_q is not None:
             bar.set_postfix_str("eval (quantized)")
             routing_q, eval_q = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_q))
