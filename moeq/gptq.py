@@ -16,7 +16,7 @@ Python loop over experts. Differences from the reference code, all deliberate:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,8 +34,8 @@ class GPTQResult:
     q: torch.Tensor             # uint8 [E, N, K], original column order
     scales: torch.Tensor        # float16 [E, N, G]
     zeros: torch.Tensor         # uint8 [E, N, G]
-    loss: torch.Tensor          # [E] tr(dW H dW^T) / N with the undamped H: mean squared output error
-    rel_loss: torch.Tensor      # [E] tr(dW H dW^T) / tr(W H W^T)
+    row_error: torch.Tensor     # [E, N] squared output error of each row, dw H dw^T, with the undamped H
+    row_energy: torch.Tensor    # [E, N] output energy of each row, w H w^T
     damp: torch.Tensor          # [E] relative damping actually used
     dead_columns: torch.Tensor  # [E] int64, input columns with diag(H) == 0
     fmt: QuantFormat
@@ -43,6 +43,23 @@ class GPTQResult:
     @property
     def quantized(self) -> QuantizedTensor:
         return QuantizedTensor(self.q, self.scales, self.zeros, self.fmt)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """[E] tr(dW H dW^T) / N: the mean squared output error."""
+        return losses(self.row_error, self.row_energy)[0]
+
+    @property
+    def rel_loss(self) -> torch.Tensor:
+        """[E] tr(dW H dW^T) / tr(W H W^T)."""
+        return losses(self.row_error, self.row_energy)[1]
+
+    def rows(self, rows: slice) -> GPTQResult:
+        """The result for a slice of the output rows: rows are solved independently given H, so solving
+        weights that share H stacked along N and slicing equals solving each alone."""
+        return replace(self, q=self.q[..., rows, :], scales=self.scales[..., rows, :],
+                       zeros=self.zeros[..., rows, :], row_error=self.row_error[..., rows],
+                       row_energy=self.row_energy[..., rows])
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, act_order: bool = False,
@@ -123,26 +140,33 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, act_ord
     Q = Qt.transpose(1, 2).contiguous()                                      # [E, N, K]
     del Qt, Wt
     scales16, zeros8 = scales.to(torch.float16), zeros.to(torch.uint8)
-    loss, rel_loss = output_error(w_orig, fmt.dequantize(Q, scales16, zeros8), H)
-    out = dict(q=Q, scales=scales16, zeros=zeros8, loss=loss, rel_loss=rel_loss, damp=rel_damp,
+    row_error, row_energy = row_errors(w_orig, fmt.dequantize(Q, scales16, zeros8), H)
+    out = dict(q=Q, scales=scales16, zeros=zeros8, row_error=row_error, row_energy=row_energy, damp=rel_damp,
                dead_columns=dead.sum(-1))
     if squeeze:
         out = {k: v[0] for k, v in out.items()}
     return GPTQResult(**out, fmt=fmt)
 
 
-def _energy(m: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """tr(m H m^T) per expert: m [E, N, K], H [E, K, K] -> [E]."""
-    return (torch.bmm(m, H) * m).sum((1, 2))
+def row_errors(w: torch.Tensor, dq: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(error, energy) [E, N] per output row of weights w and their quantized dq [E, N, K] under H [E, K, K]:
+    the squared output error (dq - w) H (dq - w)^T and the output energy w H w^T of each row."""
+    def energy(m):
+        return (torch.bmm(m, H) * m).sum(-1)
+    return energy(dq - w), energy(w)
+
+
+def losses(row_error: torch.Tensor, row_energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, rel_loss) over the rows (last dim): loss = tr(dW H dW^T) / N, the mean squared output error
+    per output element; rel_loss = tr(dW H dW^T) / tr(W H W^T) (0 where the output has no energy)."""
+    loss, base = row_error.sum(-1), row_energy.sum(-1)
+    rel_loss = torch.where(base > 0, loss / base.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(loss))
+    return loss / row_error.shape[-1], rel_loss
 
 
 def output_error(w: torch.Tensor, dq: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, rel_loss) per expert for weights w and their quantized dq [E, N, K] under H [E, K, K]:
-    loss = tr(dW H dW^T) / N, rel_loss = tr(dW H dW^T) / tr(W H W^T) (0 where the output has no energy)."""
-    loss = _energy(dq - w, H)
-    base = _energy(w, H)
-    rel_loss = torch.where(base > 0, loss / base.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(loss))
-    return loss / w.shape[1], rel_loss
+    """(loss, rel_loss) per expert for weights w and their quantized dq [E, N, K] under H [E, K, K]."""
+    return losses(*row_errors(w, dq, H))
 
 
 def _inverse_hessian_factor(H, perm, dead, mean_diag, damp: float):

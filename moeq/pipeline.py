@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from moeq.errors import MoeqError
-from moeq.gptq import gptq_quantize, output_error
+from moeq.gptq import GPTQResult, gptq_quantize, output_error, row_errors
 from moeq.hessian import RoutedHessian, Scratch, group_by_expert
 from moeq.plan import Plan, TensorPlan
 from moeq.quant_format import QuantizedTensor, rtn
@@ -365,19 +365,25 @@ def _experts_output(module, hidden, pairs: RoutedPairs, intermediate: torch.Tens
     return per_slot.view(hidden.shape[0], pairs.top_k, -1).sum(dim=1).to(hidden.dtype)
 
 
-def _solve(weight: torch.Tensor, hessian: torch.Tensor, scheme) -> tuple[QuantizedTensor, torch.Tensor, dict]:
-    """GPTQ or RTN for a batch of same-shape weights W [E, N, K] with Hessians H [E, K, K]."""
+def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, scheme) -> list[tuple[QuantizedTensor, dict]]:
+    """GPTQ or RTN for weights W_i [E, N_i, K] that share the Hessians H [E, K, K] and `scheme` (q/k/v of one
+    input; an expert's gate and up): one solve over their rows stacked along N (rows are solved independently
+    given H), split back. Returns (quantized, stats) per weight."""
     fmt = scheme.format
-    w = weight.float()
+    w = weights[0].float() if len(weights) == 1 else torch.cat([x.float() for x in weights], dim=1)
     if scheme.method == "gptq":
         result = gptq_quantize(w, hessian, fmt, act_order=scheme.act_order, damp=scheme.damp)
-        q = result.quantized
-        stats = {"loss": result.loss, "rel_loss": result.rel_loss, "damp": result.damp}
     else:
         q = rtn(w, fmt)
-        loss, rel_loss = output_error(w, q.dequantize(), hessian)
-        stats = {"loss": loss, "rel_loss": rel_loss, "damp": torch.zeros(w.shape[0])}
-    return q, q.dequantize(), stats
+        none = torch.zeros(w.shape[0], dtype=torch.long)
+        result = GPTQResult(q.q, q.scales, q.zeros, *row_errors(w, q.dequantize(), hessian), damp=none.float(),
+                            dead_columns=none, fmt=fmt)
+    parts, start = [], 0
+    for x in weights:
+        part = result.rows(slice(start, start + x.shape[1]))
+        start += x.shape[1]
+        parts.append((part.quantized, {"loss": part.loss, "rel_loss": part.rel_loss, "damp": part.damp}))
+    return parts
 
 
 def quantize_layer(layer, layer_index: int, entries: list[TensorPlan], plan: Plan, acts: LayerActivations,
@@ -508,37 +514,55 @@ def layer_outputs(layer, mlp_inputs: MlpInputs, kwargs: list[dict]) -> LayerActi
 
 
 def _solve_stage(layer, entries: list[TensorPlan], slots, sites: _Sites) -> list[ModuleResult]:
+    """Solve a stage's tensors: one solve per group that shares a Hessian and a scheme."""
     results = []
+    linear: dict[tuple, list[TensorPlan]] = {}  # (accumulator, scheme) -> tensors, e.g. q/k/v
     for entry in [e for e in entries if e.tensor.role != "expert"]:
-        slot = slots[entry.tensor.name]
-        accumulator = sites.hessian_for(slot.module_path())
-        hessian, _ = accumulator.finalize(min_tokens=0, policy="shrink")
-        q, dq, stats = _solve(slot.get(layer)[None], hessian, entry.scheme)
-        slot.set(layer, dq[0].to(slot.get(layer).dtype))
-        q = QuantizedTensor(q.q[0], q.scales[0], q.zeros[0], q.fmt)
-        results.append(_result(entry, q, stats, 0, int(accumulator.counts[0]), None))
-    # routed experts: one batched solve per (projection, scheme) over all experts that share it
-    groups: dict[tuple, list[TensorPlan]] = {}
-    for entry in [e for e in entries if e.tensor.role == "expert"]:
-        groups.setdefault((entry.tensor.proj, entry.scheme), []).append(entry)
-    for (proj, scheme), group in groups.items():
+        accumulator = sites.hessian_for(slots[entry.tensor.name].module_path())
+        linear.setdefault((id(accumulator), entry.scheme), []).append(entry)
+    for group in linear.values():
         accumulator = sites.hessian_for(slots[group[0].tensor.name].module_path())
-        hessian, report = accumulator.finalize(min_tokens=scheme.min_tokens, policy=scheme.starved)
-        index = torch.tensor([e.tensor.expert for e in group])
-        weights = torch.stack([slots[e.tensor.name].get(layer) for e in group])
-        q, dq, stats = _solve(weights, hessian[index], scheme)
-        for i, entry in enumerate(group):
-            expert_report = report[entry.tensor.expert]
-            qi = QuantizedTensor(q.q[i], q.scales[i], q.zeros[i], q.fmt)
-            stats_i = {k: v[i:i + 1] for k, v in stats.items()}
-            if expert_report.policy == "rtn":  # starved expert, recipe asked for round-to-nearest
-                qi = rtn(weights[i].float(), q.fmt)
-                loss, rel_loss = output_error(weights[i:i + 1].float(), qi.dequantize()[None], hessian[index[i:i + 1]])
-                stats_i = {"loss": loss, "rel_loss": rel_loss, "damp": torch.zeros(1)}
+        hessian, _ = accumulator.finalize(min_tokens=0, policy="shrink")
+        parts = _solve([slots[e.tensor.name].get(layer)[None] for e in group], hessian, group[0].scheme)
+        for entry, (q, stats) in zip(group, parts):
             slot = slots[entry.tensor.name]
-            slot.set(layer, qi.dequantize().to(weights.dtype))
-            results.append(_result(entry, qi, stats_i, 0, expert_report.tokens, expert_report.policy,
-                                   method="rtn" if expert_report.policy == "rtn" else scheme.method))
+            q = QuantizedTensor(q.q[0], q.scales[0], q.zeros[0], q.fmt)
+            slot.set(layer, q.dequantize().to(slot.get(layer).dtype))
+            results.append(_result(entry, q, stats, 0, int(accumulator.counts[0]), None))
+    # routed experts: one batched solve over all experts and projections (gate and up) that share a scheme
+    by_proj: dict[tuple, list[TensorPlan]] = {}
+    for entry in [e for e in entries if e.tensor.role == "expert"]:
+        by_proj.setdefault((entry.tensor.proj, entry.scheme), []).append(entry)
+    groups: dict[tuple, list[list[TensorPlan]]] = {}  # (scheme, experts) -> one entry list per projection
+    for (_, scheme), group in by_proj.items():
+        groups.setdefault((scheme, tuple(e.tensor.expert for e in group)), []).append(group)
+    for (scheme, experts), projections in groups.items():
+        accumulator = sites.hessian_for(slots[projections[0][0].tensor.name].module_path())
+        hessian, report = accumulator.finalize(min_tokens=scheme.min_tokens, policy=scheme.starved)
+        hessian = hessian[torch.tensor(experts)]
+        stacked = [torch.stack([slots[e.tensor.name].get(layer) for e in group]) for group in projections]
+        for group, weights, (q, stats) in zip(projections, stacked, _solve(stacked, hessian, scheme)):
+            results += _expert_results(layer, group, slots, weights, q, stats, report, hessian, scheme)
+    return results
+
+
+def _expert_results(layer, group: list[TensorPlan], slots, weights, q: QuantizedTensor, stats: dict, report,
+                    hessian, scheme) -> list[ModuleResult]:
+    """Write one projection's solved experts into the layer and report them; starved experts the recipe
+    sends to round-to-nearest are replaced by RTN here."""
+    results = []
+    for i, entry in enumerate(group):
+        expert_report = report[entry.tensor.expert]
+        qi = QuantizedTensor(q.q[i], q.scales[i], q.zeros[i], q.fmt)
+        stats_i = {k: v[i:i + 1] for k, v in stats.items()}
+        if expert_report.policy == "rtn":  # starved expert, recipe asked for round-to-nearest
+            qi = rtn(weights[i].float(), q.fmt)
+            loss, rel_loss = output_error(weights[i:i + 1].float(), qi.dequantize()[None], hessian[i:i + 1])
+            stats_i = {"loss": loss, "rel_loss": rel_loss, "damp": torch.zeros(1)}
+        slot = slots[entry.tensor.name]
+        slot.set(layer, qi.dequantize().to(weights.dtype))
+        results.append(_result(entry, qi, stats_i, 0, expert_report.tokens, expert_report.policy,
+                               method="rtn" if expert_report.policy == "rtn" else scheme.method))
     return results
 
 
@@ -562,7 +586,7 @@ def quantize_lm_head(model, entry: TensorPlan, final_hidden: LayerActivations) -
                 hessian = RoutedHessian(1, x.shape[-1], device=x.device)
             hessian.add_grouped(x, torch.tensor([x.shape[0]]))
         h, _ = hessian.finalize()
-        q, dq, stats = _solve(head.weight[None], h, entry.scheme)
-        head.weight = torch.nn.Parameter(dq[0].to(head.weight.dtype), requires_grad=False)  # unties from embed
-    q = QuantizedTensor(q.q[0], q.scales[0], q.zeros[0], q.fmt)
+        [(q, stats)] = _solve([head.weight[None]], h, entry.scheme)
+        q = QuantizedTensor(q.q[0], q.scales[0], q.zeros[0], q.fmt)
+        head.weight = torch.nn.Parameter(q.dequantize().to(head.weight.dtype), requires_grad=False)  # unties from embed
     return _result(entry, q, stats, 0, int(hessian.counts[0]), None)

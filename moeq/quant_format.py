@@ -108,17 +108,19 @@ class QuantFormat:
 
     def _sq_error(self, w, scale, zero) -> torch.Tensor:
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        return (self.decode(self.encode(w, s, z), s, z) - w).pow(2).sum(-1)
+        return self.decode(self.encode(w, s, z), s, z, inplace=True).sub_(w).square_().sum(-1)
 
     # ---- element-wise rule (broadcasting float tensors) ----------------------------------------------
 
     def encode(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """Integer levels as float32: clamp(round(w / scale) + zero, 0, maxq)."""
-        return (torch.round(w / scale) + zero).clamp(0, self.maxq)
+        """Integer levels as float32: clamp(round(w / scale) + zero, 0, maxq). One new tensor: the clip
+        search calls this on whole weights 21 times, and each fresh tensor of that size is page-faulted in."""
+        return torch.div(w, scale).round_().add_(zero).clamp_(0, self.maxq)
 
     @staticmethod
-    def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return (q - zero) * scale
+    def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """(q - zero) * scale; in q's memory when `inplace` (the caller hands q over)."""
+        return (q.sub_(zero) if inplace else q - zero).mul_(scale)
 
     # ---- whole tensors in the stored convention ---------------------------------------------------------
 
