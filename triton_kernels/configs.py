@@ -81,8 +81,9 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
 
 # From this many rows the Triton GEMM loses to dequantizing the weights once per call and running the
 # vendor GEMM: quant_linear counts rows M (cuBLAS via F.linear), fused_moe rows per expert T * top_k / E
-# (torch._grouped_mm). Keyed by device name, "default" for the rest. The defaults are placeholders until
-# an H100 run of `scripts/bench_kernels.py --dense` (both paths per shape and token count) sets them.
+# (torch._grouped_mm; the average over all E experts). Keyed by device name, "default" for the rest. The
+# defaults are placeholders until an H100 run of `scripts/bench_kernels.py --dense` sets them (its MoE and
+# dense tables time both paths per shape and row count).
 DEQUANT_MIN_ROWS: dict[str, int] = {"default": 1024}
 DEQUANT_MIN_ROWS_PER_EXPERT: dict[str, int] = {"default": 512}
 # fused_moe's dequant path dequantizes a contiguous range of experts at a time into one scratch buffer of
