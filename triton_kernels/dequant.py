@@ -1,8 +1,8 @@
 """Dequantize PackedExperts to fp16/bf16 weights, for the vendor-GEMM paths at many rows.
 
 At many rows a GEMM is compute-bound and the Triton GEMMs lose to cuBLAS; dequantizing the weights
-once per call (memory-bound, a few microseconds per MB) and handing them to cuBLAS or
-torch._grouped_mm wins (what vLLM's AWQ path does). Where that happens is data: configs.DEQUANT_MIN_ROWS.
+once per call (a memory-bound pass) and handing them to cuBLAS or torch._grouped_mm wins, as in
+vLLM's AWQ path. Where that happens is data: configs.DEQUANT_MIN_ROWS*.
 """
 
 import torch
