@@ -1,7 +1,8 @@
 """Benchmark the int4/int8 fused MoE kernels against the bf16 per-expert loop users run today.
 
     PYTHONUNBUFFERED=1 python3 scripts/bench_kernels.py [--shapes mixtral qwen3 deepseek]
-        [--tokens 1 16 64 256 1024 4096] [--bits 4 8] [--sweep] [--dense] [--log PATH]
+        [--tokens 1 16 64 256 1024 4096] [--bits 4 8] [--paths kernel dequant] [--sweep] [--dense]
+        [--log PATH]
 
 For each MoE block shape, token count and weight format it prints: the time of the whole fused_moe
 call (routing + both GEMMs, replayed from a CUDA graph; median of triton.testing.do_bench, which
@@ -11,6 +12,13 @@ GB/s and TFLOP/s, the floor max(bytes / 3.0 TB/s, FLOPs / 790 TFLOP/s) where byt
 experts' weights + fp16 scales, time / floor, speed-up over bf16, and the error relative to the fp32
 dequantized reference at one token count per shape. --sweep times each GEMM alone over candidate
 configs (input to triton_kernels/configs.py). Routing is uniform random, top-k distinct experts.
+
+Each row is one path (--paths): `kernel` (the Triton GEMMs) or `dequant` (dequantize the experts, then
+torch._grouped_mm), both forced whatever configs.DEQUANT_MIN_ROWS* say, so the rows of one token count
+show the crossover that those thresholds should be set from. A dequant path that takes more than one
+expert range syncs with the host and cannot be graphed: its graph column is nan and the derived columns
+use its eager time. --dense prints quant_linear's two paths (Triton GEMM; dequantize + F.linear) at the
+--tokens row counts.
 """
 
 import argparse
@@ -26,7 +34,8 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triton_kernels import _qgemm  # noqa: E402
-from triton_kernels.configs import GemmConfig, get_config  # noqa: E402
+from triton_kernels.configs import GemmConfig, dequant_chunk_experts, get_config  # noqa: E402
+from triton_kernels.dequant import dequantize_packed  # noqa: E402
 from triton_kernels.fused_moe import device_info, fused_moe, fused_moe_torch  # noqa: E402
 from triton_kernels.moe_routing import max_blocks, moe_align_block_size  # noqa: E402
 from triton_kernels.packing import pack_experts, pack_linear  # noqa: E402
@@ -37,9 +46,11 @@ SHAPES = {  # name: (E, H, I, top_k)
     "qwen3": (128, 2048, 768, 8),
     "deepseek": (256, 7168, 2048, 8),
 }
+DENSE_SHAPES = ((4096, 4096), (14336, 4096))  # (N, K): attention projections, a dense MLP's up
 HBM_BPS = 3.0e12
 PEAK_FLOPS = 790e12
 GROUP_SIZE = 128
+PATHS = ("kernel", "dequant")  # fused_moe / quant_linear path= values timed side by side
 CHECK_TOKENS = (1, 16, 256)  # token counts checked against the fp32 reference (hit experts only)
 
 ALL_PATH = "/dev/null"  # every sweep timing, set from --sweep-log
@@ -109,23 +120,41 @@ def floor_us(hit, H, I, bits, T, k):
     return max(wbytes / HBM_BPS, flops / PEAK_FLOPS) * 1e6, wbytes, flops
 
 
-def check_error(x, w13, w2, ids, wts, configs=None):
+def check_error(x, w13, w2, ids, wts, configs=None, path="kernel"):
     """Relative error vs the fp32 dequantized reference, over the hit experts only (fits memory)."""
     hit = torch.unique(ids)
     sub = lambda p: dataclasses.replace(  # noqa: E731
         p, qweight=p.qweight[hit], scales=p.scales[hit], zeros=p.zeros[hit])
     remap = torch.searchsorted(hit, ids)
-    y = fused_moe(x, w13, w2, ids, wts, configs=configs)
+    y = fused_moe(x, w13, w2, ids, wts, configs=configs, path=path)
     ref = fused_moe_torch(x, sub(w13), sub(w2), remap, wts)
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def run_shape(name, tokens, bits_list, gen, baseline_cache, best):
+def dequant_us(w13, w2):
+    """Time of the dequant path's dequantize_packed calls alone: every expert, one scratch range at a time."""
+    E, I, H = w13.num_experts, w2.k, w2.n
+    step = dequant_chunk_experts(2 * I * H * 2)
+    scratch = torch.empty(min(step, E) * 2 * I * H, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        for e0 in range(0, E, step):
+            ne = min(step, E - e0)
+            dequantize_packed(w13, torch.bfloat16, (e0, e0 + ne), out=scratch[: ne * 2 * I * H].view(ne, 2 * I, H))
+            dequantize_packed(w2, torch.bfloat16, (e0, e0 + ne), out=scratch[: ne * H * I].view(ne, H, I))
+    return bench(run)
+
+
+def run_shape(name, tokens, bits_list, paths, gen, baseline_cache, best):
     E, H, I, k = SHAPES[name]
     dev_name, sms = device_info(torch.device("cuda"))
+    # the dequant path makes one host sync per call when its experts take more than one scratch range,
+    # and a sync cannot be captured in a CUDA graph: such rows are timed eagerly only
+    ranges = -(-E // dequant_chunk_experts(2 * I * H * 2))
     for bits in bits_list:
         w13 = random_packed(E, 2 * I, H, bits, True, gen)
         w2 = random_packed(E, H, I, bits, False, gen)
+        t_dq = dequant_us(w13, w2) if "dequant" in paths else float("nan")
         for T in tokens:
             x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
             ids, wts = routing(T, E, k, gen)
@@ -133,11 +162,6 @@ def run_shape(name, tokens, bits_list, gen, baseline_cache, best):
             fl, wbytes, flops = floor_us(hit, H, I, bits, T, k)
             tuned = best.get((name, T))
             configs = (tuned["gate_up"], tuned["down"]) if tuned else None
-            small = hit * 3 * H * I * 4 < 4e9  # the fp32 reference of the hit experts fits comfortably
-            err = check_error(x, w13, w2, ids, wts, configs) if T in CHECK_TOKENS and small else float("nan")
-            fn = lambda: fused_moe(x, w13, w2, ids, wts, configs=configs)  # noqa: E731
-            t_graph = bench(fn, graph=True)
-            t_eager = bench(fn, graph=False)
             key = (name, T)
             if key not in baseline_cache:
                 gu = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=gen) / H**0.5
@@ -145,11 +169,24 @@ def run_shape(name, tokens, bits_list, gen, baseline_cache, best):
                 baseline_cache[key] = bench(lambda: hf_bf16_moe(x, gu, dn, ids, wts), graph=False, rep=100)
                 del gu, dn
             t_bf16 = baseline_cache[key]
-            c13, c2 = configs or (get_config(dev_name, E, 2 * I, H, bits, T, k, sms, splittable=False),
-                                  get_config(dev_name, E, H, I, bits, T, k, sms))
-            out(f"| {name} | int{bits} | {T} | {hit} | {t_graph:.1f} | {t_eager:.1f} | {t_bf16:.1f} | "
-                f"{wbytes / t_graph / 1e3:.0f} | {flops / t_graph / 1e6:.1f} | {fl:.1f} | {t_graph / fl:.2f} | "
-                f"{t_bf16 / t_graph:.2f} | {err:.1e} | {cfg_str(c13)} / {cfg_str(c2)} |")
+            small = hit * 3 * H * I * 4 < 4e9  # the fp32 reference of the hit experts fits comfortably
+            for path in paths:
+                check = T in CHECK_TOKENS and small
+                err = check_error(x, w13, w2, ids, wts, configs, path) if check else float("nan")
+                fn = lambda: fused_moe(x, w13, w2, ids, wts, configs=configs, path=path)  # noqa: E731
+                graphed = path == "kernel" or ranges == 1
+                t_graph = bench(fn, graph=True) if graphed else float("nan")
+                t_eager = bench(fn, graph=False)
+                t = t_graph if graphed else t_eager
+                if path == "kernel":
+                    c13, c2 = configs or (get_config(dev_name, E, 2 * I, H, bits, T, k, sms, splittable=False),
+                                          get_config(dev_name, E, H, I, bits, T, k, sms))
+                    how = f"{cfg_str(c13)} / {cfg_str(c2)}"
+                else:
+                    how = f"{ranges} expert range(s), of which dequantizing {t_dq:.1f} us"
+                out(f"| {name} | int{bits} | {T} | {hit} | {path} | {t_graph:.1f} | {t_eager:.1f} | {t_bf16:.1f} | "
+                    f"{wbytes / t / 1e3:.0f} | {flops / t / 1e6:.1f} | {fl:.1f} | {t / fl:.2f} | "
+                    f"{t_bf16 / t:.2f} | {err:.1e} | {how} |")
         del w13, w2
         torch.cuda.empty_cache()
 
@@ -240,23 +277,24 @@ def tuned_literal(best, device_name):
     return [f"    {key!r}: {{{', '.join(f'{T}: {cfg!r}' for T, cfg in sorted(v.items()))}}}," for key, v in table.items()]
 
 
-def run_dense(bits, gen):
-    """quant_linear vs bf16 F.linear on attention-sized projections."""
-    for N, K in ((4096, 4096), (14336, 4096)):
+def run_dense(bits, tokens, paths, gen):
+    """quant_linear (each path) vs bf16 F.linear on attention-sized projections."""
+    for N, K in DENSE_SHAPES:
         q = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, device="cuda", generator=gen)
         s = (torch.rand(N, K // GROUP_SIZE, device="cuda", generator=gen) * 0.01 + 0.001).half()
         z = torch.full((N, K // GROUP_SIZE), 1 << (bits - 1), dtype=torch.uint8, device="cuda")
         w = pack_linear(q, s, z, bits, GROUP_SIZE)
         wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen)
-        for M in (1, 16, 4096):
+        for M in tokens:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
-            err = ((quant_linear(x, w).float() - quant_linear_torch(x, w)).norm() /
-                   quant_linear_torch(x, w).norm()).item()
-            t = bench(lambda: quant_linear(x, w))
+            ref = quant_linear_torch(x, w)
             tb = bench(lambda: F.linear(x, wb))
             fl = max(N * K * (bits / 8 + 2 / GROUP_SIZE) / HBM_BPS, 2 * M * N * K / PEAK_FLOPS) * 1e6
-            out(f"| dense | int{bits} | {N}x{K} | {M} | {t:.1f} | {tb:.1f} | {fl:.1f} | {t / fl:.2f} | "
-                f"{tb / t:.2f} | {err:.1e} |")
+            for path in paths:
+                err = ((quant_linear(x, w, path=path).float() - ref).norm() / ref.norm()).item()
+                t = bench(lambda: quant_linear(x, w, path=path))
+                out(f"| dense | int{bits} | {N}x{K} | {M} | {path} | {t:.1f} | {tb:.1f} | {fl:.1f} | {t / fl:.2f} | "
+                    f"{tb / t:.2f} | {err:.1e} |")
 
 
 def main():
@@ -267,7 +305,9 @@ def main():
     ap.add_argument("--sweep", action="store_true",
                     help="time each GEMM over candidate configs (int4); the MoE table then uses the best")
     ap.add_argument("--no-moe", action="store_true", help="skip the main MoE table")
-    ap.add_argument("--dense", action="store_true", help="also time quant_linear")
+    ap.add_argument("--dense", action="store_true", help="also time quant_linear (at the --tokens row counts)")
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
+                    help="fused_moe / quant_linear paths to time: the Triton GEMMs, dequantize + vendor GEMM")
     ap.add_argument("--log", type=Path, help="write the printed lines here too")
     ap.add_argument("--sweep-log", type=Path, help="write every sweep timing here")
     args = ap.parse_args()
@@ -290,17 +330,19 @@ def main():
         for line in tuned_literal(best, name):
             out(line)
     if not args.no_moe:
-        out("| shape | bits | T | hit | fused us (graph) | fused us (eager) | bf16 loop us | GB/s | TFLOP/s "
-            "| floor us | time/floor | x bf16 | rel err | configs gate_up / down |")
-        out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out("| shape | bits | T | hit | path | fused us (graph) | fused us (eager) | bf16 loop us | GB/s | TFLOP/s "
+            "| floor us | time/floor | x bf16 | rel err | configs gate_up / down, or dequant ranges |")
+        out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         cache = {}
         for shape in args.shapes:
-            run_shape(shape, args.tokens, args.bits, gen, cache, best)
+            run_shape(shape, args.tokens, args.bits, args.paths, gen, cache, best)
             out(f"  ({time.time() - t0:.0f}s)")
     if args.dense:
-        out("| dense | bits | NxK | M | quant_linear us | bf16 F.linear us | floor us | time/floor | x bf16 | rel err |")
+        out("| dense | bits | NxK | M | path | quant_linear us | bf16 F.linear us | floor us | time/floor | x bf16 "
+            "| rel err |")
+        out("|---|---|---|---|---|---|---|---|---|---|---|")
         for bits in args.bits:
-            run_dense(bits, gen)
+            run_dense(bits, args.tokens, args.paths, gen)
 
 
 if __name__ == "__main__":

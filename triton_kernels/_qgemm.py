@@ -11,7 +11,7 @@ fp32 partial sums with atomics: that keeps HBM busy when there are few output ti
 import triton
 import triton.language as tl
 
-from .packing import half_k_offsets, unpack_half, unpack_offset
+from .packing import half_k_offsets, load_scale_zero, unpack_half, unpack_offset
 
 EPILOGUE_STORE = 0  # C = acc (+ bias); fp32 atomics when SPLIT_K > 1
 EPILOGUE_SILU_MUL = 1  # W rows interleaved gate/up: C[:, n // 2] = silu(acc[:, n]) * acc[:, n + 1]
@@ -100,8 +100,7 @@ def _qgemm_kernel(
     kt_lo = pid_k * per_split
     kt_hi = min(kt_lo + per_split, k_tiles)
     if PER_CHANNEL:
-        s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-        zo = tl.load(z_ptrs, mask=n_mask, other=0).to(tl.float32) + OFFSET
+        s, zo = load_scale_zero(s_ptrs, z_ptrs, n_mask, OFFSET)
     # acc (and part, the open group of INT_MMA) is [BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -119,8 +118,7 @@ def _qgemm_kernel(
             # a half lies in one group (block_k_for() sizes BLOCK_K so); INT_MMA closes it at its end
             if (not PER_CHANNEL) and ((h == HALVES - 1) or (GROUP_K < BLOCK_K) or (not INT_MMA)):
                 g = (k0 + h * 32) // GROUP_K
-                s = tl.load(s_ptrs + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
-                zo = tl.load(z_ptrs + g * stride_sg, mask=n_mask, other=0).to(tl.float32) + OFFSET
+                s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
             if INT_MMA:
                 part = _mma(a, w, part, SWAP_AB)
                 asum += tl.sum(a.to(tl.float32), axis=1)

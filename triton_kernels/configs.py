@@ -3,6 +3,8 @@
 TUNED[(device_name, E, N, K, bits)] maps a token-count bucket (the largest token count it covers)
 to a config. Lookups take the smallest bucket >= the token count; shapes or devices with no entry
 use default_config(), which is sized from rows per expert and the SM count.
+DEQUANT_MIN_ROWS* say from how many rows quant_linear and fused_moe dequantize the weights once per call
+and run the vendor GEMM instead of the Triton GEMM (see use_dequant).
 """
 
 from dataclasses import dataclass, replace
@@ -76,6 +78,34 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
         4096: _c(128, 128, 64, sk=2, swap=True),
     },
 }
+
+# From this many rows the Triton GEMM loses to dequantizing the weights once per call and running the
+# vendor GEMM: quant_linear counts rows M (cuBLAS via F.linear), fused_moe rows per expert T * top_k / E
+# (torch._grouped_mm; the average over all E experts). Keyed by device name, "default" for the rest. The
+# defaults are placeholders until an H100 run of `scripts/bench_kernels.py --dense` sets them (its MoE and
+# dense tables time both paths per shape and row count).
+DEQUANT_MIN_ROWS: dict[str, int] = {"default": 1024}
+DEQUANT_MIN_ROWS_PER_EXPERT: dict[str, int] = {"default": 512}
+# fused_moe's dequant path dequantizes a contiguous range of experts at a time into one scratch buffer of
+# at most this many bytes (one expert at the least); most MoE layers fit in one range.
+DEQUANT_SCRATCH_BYTES = 1 << 30
+PATHS = ("auto", "kernel", "dequant")
+
+
+def use_dequant(path: str, min_rows: dict[str, int], device_name: str, rows: float) -> bool:
+    """Whether a call takes the dequant path: forced by path "kernel" / "dequant", else ("auto") when
+    rows reach min_rows[device_name] (or min_rows["default"])."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "auto":
+        return rows >= min_rows.get(device_name, min_rows["default"])
+    return path == "dequant"
+
+
+def dequant_chunk_experts(expert_bytes: int) -> int:
+    """Experts per dequantized range such that the scratch stays within DEQUANT_SCRATCH_BYTES."""
+    return max(1, DEQUANT_SCRATCH_BYTES // expert_bytes)
+
 
 def default_config(E: int, N: int, K: int, bits: int, num_tokens: int, top_k: int,
                    num_sms: int = 132, splittable: bool = True) -> GemmConfig:

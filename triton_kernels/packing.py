@@ -34,6 +34,7 @@ import triton.language as tl
 # K is padded to a multiple of this, the largest BLOCK_K a config may use.
 K_ALIGN = 256
 SUPPORTED_BITS = (4, 8)
+ACT_DTYPES = (torch.float16, torch.bfloat16)  # the activation (and dequantized weight) dtypes
 
 
 @dataclass(frozen=True)
@@ -193,3 +194,11 @@ def half_k_offsets(k0, BITS: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.const
         return k0 + r
     else:
         return k0 + (r // 32) * 64 + HALF * 32 + r % 32
+
+
+@triton.jit
+def load_scale_zero(s_ptrs, z_ptrs, mask, OFFSET: tl.constexpr):
+    """One group's scales and OFFSET + zero points as float32, from pointers into a [Gp, N] row."""
+    s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    zo = tl.load(z_ptrs, mask=mask, other=0).to(tl.float32) + OFFSET
+    return s, zo

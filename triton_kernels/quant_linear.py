@@ -1,11 +1,17 @@
-"""Dense int4/int8 linear layer y = x W^T (+ bias) for attention projections and shared experts."""
+"""Dense int4/int8 linear layer y = x W^T (+ bias) for attention projections and shared experts.
+
+Below configs.DEQUANT_MIN_ROWS rows the Triton GEMM runs on the packed weights; from there on the
+weights are dequantized once per call and cuBLAS (F.linear) runs the compute-bound GEMM.
+"""
 
 import torch
+import torch.nn.functional as F
 
 from . import _qgemm
-from .configs import GemmConfig, get_config
-from .fused_moe import ACT_DTYPES, device_info
-from .packing import PackedExperts, dequantize
+from .configs import DEQUANT_MIN_ROWS, GemmConfig, get_config, use_dequant
+from .dequant import dequantize_packed
+from .fused_moe import device_info
+from .packing import ACT_DTYPES, PackedExperts, dequantize
 
 
 def _check(x, w, bias):
@@ -22,13 +28,18 @@ def _check(x, w, bias):
 
 
 def quant_linear(x: torch.Tensor, w: PackedExperts, bias: torch.Tensor | None = None, *,
-                 config: GemmConfig | None = None) -> torch.Tensor:
-    """x [..., K] fp16/bf16, w from pack_linear ([N, K]), bias [N] or None -> [..., N] in x's dtype."""
+                 config: GemmConfig | None = None, path: str = "auto") -> torch.Tensor:
+    """x [..., K] fp16/bf16, w from pack_linear ([N, K]), bias [N] or None -> [..., N] in x's dtype.
+    path: "auto" (the dequant path from DEQUANT_MIN_ROWS rows), "kernel" or "dequant"; config
+    overrides the Triton GEMM's launch config."""
     _check(x, w, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k).contiguous()
     M = x2.shape[0]
     name, sms = device_info(x.device)
+    if use_dequant(path, DEQUANT_MIN_ROWS, name, M):
+        b = None if bias is None else bias.to(x.dtype)
+        return F.linear(x2, dequantize_packed(w, x.dtype)[0], b).reshape(*lead, w.n)
     cfg = config or get_config(name, 1, w.n, w.k, w.bits, M, 1, sms)
     split = cfg.split_k > 1
     y = (torch.zeros if split else torch.empty)(M, w.n, dtype=torch.float32 if split else x.dtype, device=x.device)

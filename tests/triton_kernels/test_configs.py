@@ -1,6 +1,15 @@
 import pytest
 
-from triton_kernels.configs import TUNED, default_config, get_config
+from triton_kernels import configs
+from triton_kernels.configs import (
+    DEQUANT_MIN_ROWS,
+    DEQUANT_MIN_ROWS_PER_EXPERT,
+    TUNED,
+    default_config,
+    dequant_chunk_experts,
+    get_config,
+    use_dequant,
+)
 from triton_kernels.packing import K_ALIGN, SUPPORTED_BITS
 
 
@@ -37,3 +46,22 @@ def test_default_rule(tokens):
     assert cfg.split_k >= 1 and _power_of_two(cfg.block_m)
     assert default_config(8, 1024, 4096, 4, tokens, 2, splittable=False).split_k == 1
     assert get_config("a GPU nobody tuned", 8, 1024, 4096, 4, tokens, 2) == cfg
+
+
+@pytest.mark.parametrize("table", [DEQUANT_MIN_ROWS, DEQUANT_MIN_ROWS_PER_EXPERT])
+def test_dequant_thresholds_have_a_default(table):
+    assert table["default"] >= 1 and all(rows >= 1 for rows in table.values())
+
+
+def test_use_dequant():
+    table = {"default": 512, "GPU A": 64}
+    assert not use_dequant("auto", table, "GPU A", 63) and use_dequant("auto", table, "GPU A", 64)
+    assert not use_dequant("auto", table, "GPU B", 511.5) and use_dequant("auto", table, "GPU B", 512)
+    assert use_dequant("dequant", table, "GPU A", 1) and not use_dequant("kernel", table, "GPU A", 1 << 20)
+    with pytest.raises(ValueError, match="path must be one of"):
+        use_dequant("fast", table, "GPU A", 1)
+
+
+def test_dequant_chunk_experts(monkeypatch):
+    monkeypatch.setattr(configs, "DEQUANT_SCRATCH_BYTES", 1000)
+    assert dequant_chunk_experts(300) == 3 and dequant_chunk_experts(1000) == 1 and dequant_chunk_experts(2000) == 1
