@@ -1,6 +1,6 @@
 """moeq.load with the Triton kernels swapped in (run by the Triton interpreter on the CPU) matches the
-dequantized reference modules. fp16 activations: the interpreter has no native bf16 (see
-tests/triton_kernels/conftest.py); the GPU runs of scripts/bench_model.py cover bf16."""
+dequantized reference modules; on the GPU where there is one. fp16 activations: the interpreter has no native
+bf16 (see tests/triton_kernels/conftest.py); the GPU runs of scripts/bench_model.py cover bf16."""
 
 import pytest
 import torch
@@ -10,12 +10,14 @@ from moeq.runtime import KernelExperts, KernelLinear
 
 from conftest import quantize_demo_for_kernels
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs CPU tensors only in its interpreter
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     out = quantize_demo_for_kernels(tmp_path_factory.mktemp("rt") / "q")
-    return (moeq.load(out, "cpu", dtype=torch.float16, kernels=False),
-            moeq.load(out, "cpu", dtype=torch.float16, kernels=True))
+    return (moeq.load(out, DEVICE, dtype=torch.float16, kernels=False),
+            moeq.load(out, DEVICE, dtype=torch.float16, kernels=True))
 
 
 def test_kernel_modules_replace_every_quantized_module(models):
@@ -29,9 +31,9 @@ def test_kernel_modules_replace_every_quantized_module(models):
 def test_kernel_modules_match_the_reference(models):
     reference, kernels = models
     torch.manual_seed(0)
-    x = torch.randn(7, 128, dtype=torch.float16)
-    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 0], [7, 7], [3, 5]])
-    weights = torch.rand(7, 2, dtype=torch.float16)
+    x = torch.randn(7, 128, dtype=torch.float16).to(DEVICE)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 0], [7, 7], [3, 5]], device=DEVICE)
+    weights = torch.rand(7, 2, dtype=torch.float16).to(DEVICE)
     with torch.no_grad():
         for layer_ref, layer_ker in zip(reference.model.layers[:2], kernels.model.layers[:2]):
             for proj in ("q_proj", "o_proj"):
