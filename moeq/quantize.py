@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,8 +25,16 @@ from moeq.pipeline import (LayerActivations, ModuleResult, build_skeleton, captu
                            load_layer, load_model_tensor, quantize_layer, quantize_lm_head, run_layer)
 from moeq.padding import pad_plan, pad_tensor, padded_config
 from moeq.plan import Plan
-from moeq.report import QuantizationReport, RoutingRecorder
+from moeq.report import PhaseClock, QuantizationReport, RoutingRecorder
 from moeq.shards import ShardReader, weight_slot
+
+
+# phases of the run's time, in the summary
+CALIBRATION = "calibration forwards and solves"
+SETUP = "set-up"
+EVALUATION = "evaluation"
+READING = "reading shards"
+WRITING = "writing"
 
 
 @dataclass(frozen=True)
@@ -74,35 +81,36 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
     padding = (pad_plan(inventory, config.pad_intermediate_to, {e.tensor.name: e.scheme for e in plan.entries})
                if config.pad_intermediate_to else None)  # errors before any compute
     dtype = compute_dtype(device)
-    started = time.perf_counter()
+    clock = PhaseClock()
+    with clock.phase(SETUP):  # tokenizing, transformers' model code, the embedding
+        from transformers import AutoTokenizer
 
-    from transformers import AutoTokenizer
+        # the skeleton (importing transformers' modeling code: seconds of Python) is built while the Rust
+        # tokenizer, which releases the GIL, reads the text
+        with ThreadPoolExecutor(1) as pool:
+            skeleton = pool.submit(build_skeleton, inventory.config, device, dtype)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            calib_ids = calibration_windows(read_token_stream(config.calib, tokenizer, config.text_field),
+                                            config.calib_samples, config.seq_len, config.seed)
+            eval_ids = None
+            if config.eval is not None:
+                eval_ids = evaluation_windows(read_token_stream(config.eval, tokenizer, config.text_field),
+                                              config.eval_windows, config.seq_len)
+            model = skeleton.result()
+        num_params = sum(t.numel for t in inventory.tensors)
+        for advice in coverage_advice(num_params, config.calib_samples, config.seq_len):
+            log(f"warning: {advice}")
+        evaluation = f"; evaluation: {eval_ids.numel()} tokens from {config.eval}" if eval_ids is not None else ""
+        log(f"calibration: {calib_ids.shape[0]} x {calib_ids.shape[1]} = {calib_ids.numel()} tokens "
+            f"from {config.calib}{evaluation}")
 
-    # the skeleton (importing transformers' modeling code: seconds of Python) is built while the Rust
-    # tokenizer, which releases the GIL, reads the text
-    with ThreadPoolExecutor(1) as pool:
-        skeleton = pool.submit(build_skeleton, inventory.config, device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        calib_ids = calibration_windows(read_token_stream(config.calib, tokenizer, config.text_field),
-                                        config.calib_samples, config.seq_len, config.seed)
-        eval_ids = None
-        if config.eval is not None:
-            eval_ids = evaluation_windows(read_token_stream(config.eval, tokenizer, config.text_field),
-                                          config.eval_windows, config.seq_len)
-        model = skeleton.result()
-    num_params = sum(t.numel for t in inventory.tensors)
-    for advice in coverage_advice(num_params, config.calib_samples, config.seq_len):
-        log(f"warning: {advice}")
-    log(f"calibration: {calib_ids.shape[0]} x {calib_ids.shape[1]} = {calib_ids.numel()} tokens "
-        f"from {config.calib}" + (f"; evaluation: {eval_ids.numel()} tokens from {config.eval}" if eval_ids is not None else ""))
-
-    reader = ShardReader(inventory)
-    load_model_tensor(model, reader, plan, "model.embed_tokens.weight", device, dtype)
-    calib_batches = _batches(calib_ids, config.batch_size)
-    eval_batches = _batches(eval_ids, config.batch_size) if eval_ids is not None else []
-    calib = capture_layer_inputs(model, calib_batches, device)
-    eval_fp = capture_layer_inputs(model, eval_batches, device) if eval_batches else None
-    eval_q = eval_fp
+        reader = ShardReader(inventory)
+        load_model_tensor(model, reader, plan, "model.embed_tokens.weight", device, dtype)
+        calib_batches = _batches(calib_ids, config.batch_size)
+        eval_batches = _batches(eval_ids, config.batch_size) if eval_ids is not None else []
+        calib = capture_layer_inputs(model, calib_batches, device)
+        eval_fp = capture_layer_inputs(model, eval_batches, device) if eval_batches else None
+        eval_q = eval_fp
 
     writer = CheckpointWriter(config.out, inventory.num_layers + 1, force=config.force, resume=config.resume)
     results: list[ModuleResult] = []
@@ -124,29 +132,34 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
     layers = range(first_layer, inventory.num_layers)
     bar = tqdm(layers, desc="quantizing", unit="layer", dynamic_ncols=True)
     for i in bar:
-        layer = load_layer(model, reader, i, device, dtype)
+        with clock.phase(READING):
+            layer = load_layer(model, reader, i, device, dtype)
         routing_fp = None
         if eval_fp is not None:
             bar.set_postfix_str("eval (original)")
-            routing_fp, eval_fp = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_fp))
+            with clock.phase(EVALUATION):
+                routing_fp, eval_fp = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_fp))
         entries = [e for e in plan.entries if e.tensor.layer == i]
-        layer_results, calib = quantize_layer(layer, i, entries, plan, calib, on_stage=bar.set_postfix_str)
+        with clock.phase(CALIBRATION):
+            layer_results, calib = quantize_layer(layer, i, entries, plan, calib, on_stage=bar.set_postfix_str)
         # the shard below holds the tensors: keeping them (and saving them in every resume state) would
         # hold the whole quantized model in memory and write it again after every layer
         results += [r.numbers_only() for r in layer_results]
         if eval_q is not None:
             bar.set_postfix_str("eval (quantized)")
-            routing_q, eval_q = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_q))
+            with clock.phase(EVALUATION):
+                routing_q, eval_q = RoutingRecorder.record(layer, lambda: run_layer(layer, eval_q))
             if routing_fp is not None and routing_q is not None:
                 agreement[i] = RoutingRecorder.fraction(routing_fp, routing_q)
-        quantized = {r.name: r.quantized for r in layer_results}
-        writer.write_shard(i, _tensors_to_write(plan, config, inventory.layer_tensors(i), quantized,
-                                                lambda t: weight_slot(t, inventory).get(layer), padding))
-        layer.to_empty(device="meta")
-        state = {"next_layer": i + 1, "calib": calib.batches, "results": results, "agreement": agreement,
-                 "eval_fp": eval_fp.batches if eval_fp else None, "eval_q": eval_q.batches if eval_q else None}
-        torch.save(state, resume_path.with_suffix(".tmp"))
-        os.replace(resume_path.with_suffix(".tmp"), resume_path)
+        with clock.phase(WRITING):
+            quantized = {r.name: r.quantized for r in layer_results}
+            writer.write_shard(i, _tensors_to_write(plan, config, inventory.layer_tensors(i), quantized,
+                                                    lambda t: weight_slot(t, inventory).get(layer), padding))
+            layer.to_empty(device="meta")
+            state = {"next_layer": i + 1, "calib": calib.batches, "results": results, "agreement": agreement,
+                     "eval_fp": eval_fp.batches if eval_fp else None, "eval_q": eval_q.batches if eval_q else None}
+            torch.save(state, resume_path.with_suffix(".tmp"))
+            os.replace(resume_path.with_suffix(".tmp"), resume_path)
 
     # model-level tensors: final norm, lm_head (tied to the embedding when the config says so)
     load_model_tensor(model, reader, plan, "model.norm.weight", device, dtype)
@@ -156,19 +169,22 @@ def quantize_model(plan: Plan, config: QuantizeConfig, log=print) -> Quantizatio
         model.lm_head.weight = model.model.embed_tokens.weight
     ppl = {}
     if eval_fp is not None:
-        ppl["before"] = perplexity(eval_fp.batches, eval_batches, model.model.norm, model.lm_head)
+        with clock.phase(EVALUATION):
+            ppl["before"] = perplexity(eval_fp.batches, eval_batches, model.model.norm, model.lm_head)
     head = plan.by_name.get("lm_head.weight")
     if head is not None and head.scheme is not None:
         bar.set_postfix_str("lm_head")
-        results.append(quantize_lm_head(model, head, calib))
+        with clock.phase(CALIBRATION):
+            results.append(quantize_lm_head(model, head, calib))
     if eval_fp is not None:
-        ppl["after"] = perplexity(eval_q.batches, eval_batches, model.model.norm, model.lm_head)
+        with clock.phase(EVALUATION):
+            ppl["after"] = perplexity(eval_q.batches, eval_batches, model.model.norm, model.lm_head)
     model_level = [t for t in inventory.tensors if t.layer is None or t.layer >= inventory.num_layers]
-    writer.write_shard(inventory.num_layers, _tensors_to_write(plan, config, model_level,
-                                                               {r.name: r.quantized for r in results},
-                                                               reader.read, padding))
-    report = QuantizationReport.build(plan, results, agreement, ppl, calib_ids.numel(),
-                                      seconds=time.perf_counter() - started)
+    with clock.phase(WRITING):
+        writer.write_shard(inventory.num_layers, _tensors_to_write(plan, config, model_level,
+                                                                   {r.name: r.quantized for r in results},
+                                                                   reader.read, padding))
+    report = QuantizationReport.build(plan, results, agreement, ppl, calib_ids.numel(), clock)
     sidecar = {"moeq_version": __version__, "format": config.format, "recipe": plan.recipe.source,
                "run": {k: str(v) for k, v in asdict(config).items()}, "report": report.to_json()}
     config_json = json.loads((model_dir / "config.json").read_text())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +16,25 @@ from moeq.plan import Plan
 EARLY_LAYERS = 3
 EARLY_REL_LOSS = 0.05     # int4 on a sane early layer stays near 1e-2; far above: wrong calibration or tokenizer
 OUTLIER_FACTOR = 10.0     # a module far above its (layer, role) median
+
+
+class PhaseClock:
+    """Wall seconds of a run, per named phase (a phase may be entered many times: its times add up)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
 
 
 class RoutingRecorder:
@@ -56,10 +77,11 @@ class QuantizationReport:
     agreement: dict[int, float]
     calibration_tokens: int
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (PhaseClock), largest first
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, plan: Plan, results, agreement, ppl, calibration_tokens, seconds) -> "QuantizationReport":
+    def build(cls, plan: Plan, results, agreement, ppl, calibration_tokens, clock: PhaseClock) -> "QuantizationReport":
         modules = [{k: v for k, v in r.__dict__.items() if k != "quantized"} for r in results]
         groups: dict[tuple, list[dict]] = {}
         for m in modules:
@@ -94,7 +116,8 @@ class QuantizationReport:
             if layer is not None and layer < EARLY_LAYERS and row["mean_rel_loss"] > EARLY_REL_LOSS:
                 flags.append(f"LOUD: layer {layer} {role} relative loss {row['mean_rel_loss']:.3g} in an early layer: "
                              "the calibration text or the tokenizer is probably wrong for this model")
-        return cls(rows, modules, flags, dict(ppl), dict(agreement), calibration_tokens, seconds)
+        phases = dict(sorted(clock.seconds.items(), key=lambda kv: -kv[1]))
+        return cls(rows, modules, flags, dict(ppl), dict(agreement), calibration_tokens, clock.total(), phases)
 
     def table(self) -> str:
         header = ("layer", "role", "n", "mean loss", "rel loss", "worst (rel)", "tokens/expert min/med/max",
@@ -115,11 +138,14 @@ class QuantizationReport:
         if self.perplexity:
             b, a = self.perplexity["before"], self.perplexity["after"]
             text.append(f"perplexity on eval text: {b:.3f} -> {a:.3f} ({100 * (a / b - 1):+.2f}%)")
-        text.append(f"calibration tokens: {self.calibration_tokens}; time: {self.seconds:.1f} s")
+        phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.phases.items())
+        text.append(f"calibration tokens: {self.calibration_tokens}; time: {self.seconds:.1f} s"
+                    + (f" ({phases})" if phases else ""))
         text += [f"FLAG: {f}" for f in self.flags] or ["no anomalies flagged"]
         return "\n".join(text)
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "modules": self.modules, "flags": self.flags, "perplexity": self.perplexity,
                 "routing_agreement": {str(k): v for k, v in self.agreement.items()},
-                "calibration_tokens": self.calibration_tokens, "seconds": self.seconds, **self.extra}
+                "calibration_tokens": self.calibration_tokens, "seconds": self.seconds, "phases": self.phases,
+                **self.extra}

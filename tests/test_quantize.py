@@ -10,7 +10,7 @@ from moeq.errors import CheckpointError, MoeqError
 from moeq.inventory import inventory_from_checkpoint
 from moeq.loader import StoredCheckpoint
 from moeq.plan import make_plan
-from moeq.quantize import QuantizeConfig, quantize_model
+from moeq.quantize import CALIBRATION, EVALUATION, READING, SETUP, WRITING, QuantizeConfig, quantize_model
 from moeq.recipe import load_recipe
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -44,6 +44,10 @@ def test_quantize_demo_end_to_end(tmp_path):
     out = tmp_path / "q"
     sidecar = json.loads((out / "moeq.json").read_text())
     assert sidecar["report"]["perplexity"]["after"] == pytest.approx(after)
+    # the run's time, split into phases that add up to at most the whole
+    assert set(report.phases) == {CALIBRATION, SETUP, EVALUATION, READING, WRITING}
+    assert all(s > 0 for s in report.phases.values()) and sum(report.phases.values()) <= report.seconds
+    assert sidecar["report"]["phases"] == pytest.approx(report.phases)
     assert StoredCheckpoint(out).inventory.num_experts == 8  # reloads as a complete checkpoint of the family
     assert not (tmp_path / "q.partial").exists()
 
