@@ -116,7 +116,7 @@ def test_errors():
         acc.add(torch.randn(3, 8), torch.arange(3), torch.zeros(3, dtype=torch.long))
 
 
-@pytest.mark.parametrize("k", [1, 7, 16])
+@pytest.mark.parametrize("k", [1, 7, 16, 300])
 def test_gram_update_is_the_full_product_and_exactly_symmetric(k):
     x = torch.randn(300, k, generator=torch.Generator().manual_seed(3))
     acc = RoutedHessian(1, k)
