@@ -7,6 +7,7 @@ DEQUANT_MIN_ROWS* say from how many rows quant_linear and fused_moe dequantize t
 and run the vendor GEMM instead of the Triton GEMM (see use_dequant).
 """
 
+import functools
 from dataclasses import dataclass, replace
 
 
@@ -140,9 +141,11 @@ def default_config(E: int, N: int, K: int, bits: int, num_tokens: int, top_k: in
     return cfg
 
 
+@functools.lru_cache(maxsize=4096)
 def get_config(device_name: str, E: int, N: int, K: int, bits: int, num_tokens: int, top_k: int,
                num_sms: int = 132, splittable: bool = True) -> GemmConfig:
-    """Tuned config for (device, E, N, K, bits) at this token count, else default_config()."""
+    """Tuned config for (device, E, N, K, bits) at this token count, else default_config(). Memoized: a
+    decode step asks the same questions every token, and answering costs ~20 us of Python each time."""
     table = TUNED.get((device_name, E, N, K, bits))
     if table:
         for bucket in sorted(table):

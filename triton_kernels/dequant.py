@@ -87,7 +87,7 @@ def dequantize_packed(packed: PackedExperts, dtype: torch.dtype, experts: slice 
     if out.numel() == 0:
         return out
     block_k = block_k_for(packed.group_size, packed.per_channel, packed.bits, BLOCK_K)
-    grid = (len(r), triton.cdiv(packed.n, BLOCK_N), triton.cdiv(packed.k, block_k))
+    grid = (len(r), -(-packed.n // BLOCK_N), -(-packed.k // block_k))
     _dequant_kernel[grid](
         packed.qweight, packed.scales, packed.zeros, out,
         packed.n, packed.k, r.start,
