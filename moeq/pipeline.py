@@ -519,9 +519,8 @@ def _solve_stage(layer, entries: list[TensorPlan], slots, sites: _Sites) -> list
     linear: dict[tuple, list[TensorPlan]] = {}  # (accumulator, scheme) -> tensors, e.g. q/k/v
     for entry in [e for e in entries if e.tensor.role != "expert"]:
         accumulator = sites.hessian_for(slots[entry.tensor.name].module_path())
-        linear.setdefault((id(accumulator), entry.scheme), []).append(entry)
-    for group in linear.values():
-        accumulator = sites.hessian_for(slots[group[0].tensor.name].module_path())
+        linear.setdefault((accumulator, entry.scheme), []).append(entry)  # accumulators hash by identity
+    for (accumulator, _), group in linear.items():
         hessian, _ = accumulator.finalize(min_tokens=0, policy="shrink")
         parts = _solve([slots[e.tensor.name].get(layer)[None] for e in group], hessian, group[0].scheme)
         for entry, (q, stats) in zip(group, parts):
