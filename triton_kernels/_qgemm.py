@@ -66,6 +66,9 @@ def _qgemm_kernel(
     HALVES: tl.constexpr = 8 // BITS
     KB: tl.constexpr = BLOCK_K * BITS // 8  # bytes of a row of the weight tile
     PER_CHANNEL: tl.constexpr = GROUP_K == 0
+    # A K tile lies in one group (BLOCK_K <= GROUP_K): its scales and zeros are loaded one tile ahead, so
+    # their latency hides behind the current tile's MMAs (H100: 1.05-1.35x at 64-4096 rows, same at decode)
+    TILE_GROUP: tl.constexpr = (not PER_CHANNEL) and GROUP_K >= BLOCK_K
     pid = tl.program_id(0)
     pid_k = pid % SPLIT_K
     pid_mn = pid // SPLIT_K
@@ -101,6 +104,9 @@ def _qgemm_kernel(
     kt_hi = min(kt_lo + per_split, k_tiles)
     if PER_CHANNEL:
         s, zo = load_scale_zero(s_ptrs, z_ptrs, n_mask, OFFSET)
+    if TILE_GROUP:
+        g = min(kt_lo, k_tiles - 1) * BLOCK_K // GROUP_K
+        s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
     # acc (and part, the open group of INT_MMA) is [BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -111,12 +117,17 @@ def _qgemm_kernel(
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
         raw = tl.load(w_ptrs + k0 * BITS // 8, mask=n_mask[:, None], other=0)  # [BLOCK_N, KB] bytes
+        if TILE_GROUP:
+            g_next = min(kt + 1, kt_hi - 1) * BLOCK_K // GROUP_K
+            s_next, zo_next = load_scale_zero(s_ptrs + g_next * stride_sg, z_ptrs + g_next * stride_sg, n_mask,
+                                              OFFSET)
         for h in tl.static_range(HALVES):
             ak = half_k_offsets(k0, BITS, h, BLOCK_K)
             a = tl.load(a_rows + ak[None, :], mask=row_mask[:, None] & (ak[None, :] < K), other=0.0)
             w = unpack_half(raw, h, BITS, DT)  # [BLOCK_N, KB]: OFFSET + q
-            # a half lies in one group (block_k_for() sizes BLOCK_K so); INT_MMA closes it at its end
-            if (not PER_CHANNEL) and ((h == HALVES - 1) or (GROUP_K < BLOCK_K) or (not INT_MMA)):
+            # a half lies in one group (block_k_for() sizes BLOCK_K so); INT_MMA closes it at its end.
+            # Tiles of more than one group (int4, groups of 32) load each half's scales here.
+            if (not PER_CHANNEL) and (not TILE_GROUP):
                 g = (k0 + h * 32) // GROUP_K
                 s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
             if INT_MMA:
@@ -129,6 +140,8 @@ def _qgemm_kernel(
             else:
                 w = (w - zo.to(DT)[:, None]) * s.to(DT)[:, None]  # exact difference, one rounding
                 acc = _mma(a, w, acc, SWAP_AB)
+        if TILE_GROUP:
+            s, zo = s_next, zo_next
     if INT_MMA and PER_CHANNEL:
         acc = _close_group(part, asum, s, zo, SWAP_AB)
     if SWAP_AB:
