@@ -10,8 +10,9 @@ flushes L2 before every run) and of the same call launched eagerly, the bf16 bas
 MixtralExperts.forward loop: per hit expert index, F.linear, SiLU*up, F.linear, index_add), achieved
 GB/s and TFLOP/s, the floor max(bytes / 3.0 TB/s, FLOPs / 790 TFLOP/s) where bytes are the touched
 experts' weights + fp16 scales, time / floor, speed-up over bf16, and the error relative to the fp32
-dequantized reference at one token count per shape. --sweep times each GEMM alone over candidate
-configs (input to triton_kernels/configs.py). Routing is uniform random, top-k distinct experts.
+dequantized reference at one token count per shape. --sweep times each GEMM alone (with --dense also
+quant_linear at each row count) over candidate configs (input to triton_kernels/configs.py). Routing is
+uniform random, top-k distinct experts.
 
 Each row is one path (--paths): `kernel` (the Triton GEMMs) or `dequant` (dequantize the experts, then
 torch._grouped_mm), both forced whatever configs.DEQUANT_MIN_ROWS* say, so the rows of one token count
@@ -160,7 +161,7 @@ def run_shape(name, tokens, bits_list, paths, gen, baseline_cache, best):
             ids, wts = routing(T, E, k, gen)
             hit = torch.unique(ids).numel()
             fl, wbytes, flops = floor_us(hit, H, I, bits, T, k)
-            tuned = best.get((name, T))
+            tuned = best.get((name, T, bits))
             configs = (tuned["gate_up"], tuned["down"]) if tuned else None
             key = (name, T)
             if key not in baseline_cache:
@@ -225,7 +226,7 @@ def sweep_candidates(rows, gemm):
 
 def run_sweep(name, tokens, bits, gen, best):
     """Time each GEMM alone over candidate configs; prints the best few per (shape, T, gemm) and
-    records the best in best[(name, T)] = (gate_up config, down config)."""
+    records the best in best[(name, T, bits)] = (gate_up config, down config)."""
     E, H, I, k = SHAPES[name]
     w13 = random_packed(E, 2 * I, H, bits, True, gen)
     w2 = random_packed(E, H, I, bits, False, gen)
@@ -256,7 +257,7 @@ def run_sweep(name, tokens, bits, gen, best):
                 except Exception as exc:  # a config can exceed shared memory or registers
                     out(f"  sweep {name} T={T} {gemm} {cfg_str(cfg)}: {type(exc).__name__}: {str(exc)[:100]}")
             res.sort(key=lambda t: t[0])
-            best.setdefault((name, T), {})[gemm] = res[0][1]
+            best.setdefault((name, T, bits), {})[gemm] = res[0][1]
             for t, cfg in res:
                 with open(ALL_PATH, "a") as f:
                     f.write(f"{name} int{bits} T={T} rows={rows:.1f} {gemm} {cfg_str(cfg)} g{cfg.group_m} "
@@ -267,32 +268,69 @@ def run_sweep(name, tokens, bits, gen, best):
     torch.cuda.empty_cache()
 
 
-def tuned_literal(best, device_name):
-    """Lines of the TUNED dict in configs.py for the sweep's winners."""
+def tuned_literal(best, best_dense, device_name):
+    """Lines of the TUNED dict in configs.py for the sweeps' winners (MoE GEMMs, then dense layers as E = 1)."""
     table = {}
-    for (shape, T), cfgs in sorted(best.items()):
+    for (shape, T, bits), cfgs in sorted(best.items()):
         E, H, I, _ = SHAPES[shape]
-        table.setdefault((device_name, E, 2 * I, H, 4), {})[T] = cfgs["gate_up"]
-        table.setdefault((device_name, E, H, I, 4), {})[T] = cfgs["down"]
+        table.setdefault((device_name, E, 2 * I, H, bits), {})[T] = cfgs["gate_up"]
+        table.setdefault((device_name, E, H, I, bits), {})[T] = cfgs["down"]
+    for (N, K, M, bits), cfg in sorted(best_dense.items()):
+        table.setdefault((device_name, 1, N, K, bits), {})[M] = cfg
     return [f"    {key!r}: {{{', '.join(f'{T}: {cfg!r}' for T, cfg in sorted(v.items()))}}}," for key, v in table.items()]
 
 
-def run_dense(bits, tokens, paths, gen):
-    """quant_linear (each path) vs bf16 F.linear on attention-sized projections."""
+def random_dense(N, K, bits, gen):
+    q = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, device="cuda", generator=gen)
+    s = (torch.rand(N, K // GROUP_SIZE, device="cuda", generator=gen) * 0.01 + 0.001).half()
+    z = torch.full((N, K // GROUP_SIZE), 1 << (bits - 1), dtype=torch.uint8, device="cuda")
+    return pack_linear(q, s, z, bits, GROUP_SIZE)
+
+
+def dense_candidates(rows):
+    """The MoE candidates for this many rows, 64-row tiles and thin 32-row tiles, each with split-K 1-8: a dense
+    layer has one expert's worth of output tiles, too few to fill the GPU at tens to hundreds of rows."""
+    tiles = sweep_candidates(rows, "gate_up")[:4] + sweep_candidates(64, "gate_up")[:2] + sweep_candidates(32, "gate_up")[:2]
+    tiles = list(dict.fromkeys(tiles))  # GemmConfig is frozen: drop the repeats at 64 rows
+    return [dataclasses.replace(c, split_k=s) for c in tiles for s in (1, 2, 4, 8)]
+
+
+def run_dense_sweep(bits, tokens, gen, best_dense):
+    """Time quant_linear's Triton GEMM over candidate configs per dense shape and row count; records the
+    best in best_dense[(N, K, M, bits)]."""
     for N, K in DENSE_SHAPES:
-        q = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, device="cuda", generator=gen)
-        s = (torch.rand(N, K // GROUP_SIZE, device="cuda", generator=gen) * 0.01 + 0.001).half()
-        z = torch.full((N, K // GROUP_SIZE), 1 << (bits - 1), dtype=torch.uint8, device="cuda")
-        w = pack_linear(q, s, z, bits, GROUP_SIZE)
+        w = random_dense(N, K, bits, gen)
+        for M in tokens:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+            res = []
+            for cfg in dense_candidates(M):
+                try:
+                    res.append((bench(lambda: quant_linear(x, w, config=cfg, path="kernel"), rep=30), cfg))
+                except Exception as exc:  # a config can exceed shared memory or registers
+                    out(f"  sweep dense {N}x{K} M={M} {cfg_str(cfg)}: {type(exc).__name__}: {str(exc)[:100]}")
+            res.sort(key=lambda t: t[0])
+            best_dense[(N, K, M, bits)] = res[0][1]
+            with open(ALL_PATH, "a") as f:
+                f.writelines(f"dense int{bits} {N}x{K} M={M} {cfg_str(c)} {t:.2f}us\n" for t, c in res)
+            top = ", ".join(f"{cfg_str(c)} {t:.1f}us" for t, c in res[:3])
+            out(f"| sweep | dense {N}x{K} | int{bits} | {M} | | | {top} |")
+
+
+def run_dense(bits, tokens, paths, gen, best_dense):
+    """quant_linear (each path) vs bf16 F.linear on attention-sized projections; the kernel path runs the
+    dense sweep's winner where there is one."""
+    for N, K in DENSE_SHAPES:
+        w = random_dense(N, K, bits, gen)
         wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen)
         for M in tokens:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
             ref = quant_linear_torch(x, w)
             tb = bench(lambda: F.linear(x, wb))
             fl = max(N * K * (bits / 8 + 2 / GROUP_SIZE) / HBM_BPS, 2 * M * N * K / PEAK_FLOPS) * 1e6
+            cfg = best_dense.get((N, K, M, bits))
             for path in paths:
-                err = ((quant_linear(x, w, path=path).float() - ref).norm() / ref.norm()).item()
-                t = bench(lambda: quant_linear(x, w, path=path))
+                err = ((quant_linear(x, w, config=cfg, path=path).float() - ref).norm() / ref.norm()).item()
+                t = bench(lambda: quant_linear(x, w, config=cfg, path=path))
                 out(f"| dense | int{bits} | {N}x{K} | {M} | {path} | {t:.1f} | {tb:.1f} | {fl:.1f} | {t / fl:.2f} | "
                     f"{tb / t:.2f} | {err:.1e} |")
 
@@ -303,8 +341,9 @@ def main():
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 64, 256, 1024, 4096])
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--sweep", action="store_true",
-                    help="time each GEMM over candidate configs (int4); the MoE table then uses the best")
-    ap.add_argument("--no-moe", action="store_true", help="skip the main MoE table")
+                    help="time each GEMM over candidate configs (each of --bits; with --dense the dense layers "
+                         "too); the tables then use the best")
+    ap.add_argument("--no-moe", action="store_true", help="skip the MoE sweep and table")
     ap.add_argument("--dense", action="store_true", help="also time quant_linear (at the --tokens row counts)")
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
                     help="fused_moe / quant_linear paths to time: the Triton GEMMs, dequantize + vendor GEMM")
@@ -319,15 +358,20 @@ def main():
     name, sms = device_info(torch.device("cuda"))
     out(f"device: {name}, {sms} SMs; torch {torch.__version__}, triton {triton.__version__}; "
         f"group_size {GROUP_SIZE}, symmetric; bf16 activations")
-    best = {}  # (shape, T) -> {"gate_up": cfg, "down": cfg}; used by the MoE table when --sweep ran
+    best = {}  # (shape, T, bits) -> {"gate_up": cfg, "down": cfg}; used by the MoE table when --sweep ran
+    best_dense = {}  # (N, K, M, bits) -> cfg; used by the dense table when --sweep --dense ran
     if args.sweep:
         out("| sweep | shape | bits | T | gemm | floor | best 3 (config time) |")
-        for shape in args.shapes:
-            run_sweep(shape, args.tokens, 4, gen, best)
-            out(f"  ({time.time() - t0:.0f}s)")
-    if best:
-        out("TUNED entries for triton_kernels/configs.py (int4, this device):")
-        for line in tuned_literal(best, name):
+        for bits in args.bits:
+            for shape in [] if args.no_moe else args.shapes:
+                run_sweep(shape, args.tokens, bits, gen, best)
+                out(f"  ({time.time() - t0:.0f}s)")
+            if args.dense:
+                run_dense_sweep(bits, args.tokens, gen, best_dense)
+                out(f"  ({time.time() - t0:.0f}s)")
+    if best or best_dense:
+        out("TUNED entries for triton_kernels/configs.py (this device):")
+        for line in tuned_literal(best, best_dense, name):
             out(line)
     if not args.no_moe:
         out("| shape | bits | T | hit | path | fused us (graph) | fused us (eager) | bf16 loop us | GB/s | TFLOP/s "
@@ -342,7 +386,7 @@ def main():
             "| rel err |")
         out("|---|---|---|---|---|---|---|---|---|---|---|")
         for bits in args.bits:
-            run_dense(bits, args.tokens, args.paths, gen)
+            run_dense(bits, args.tokens, args.paths, gen, best_dense)
 
 
 if __name__ == "__main__":

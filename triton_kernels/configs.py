@@ -135,8 +135,13 @@ def default_config(E: int, N: int, K: int, bits: int, num_tokens: int, top_k: in
         m_blocks = hit * max(1, -(-int(rows) // cfg.block_m))
         tiles = m_blocks * -(-N // cfg.block_n)
         k_tiles = -(-K // cfg.block_k)
+        # Streaming tiles (<= 64 rows) split towards two waves of programs; MMA-bound tiles only while the
+        # doubled split stays within one wave: the dense sweep of run 23 (256 and 1024 rows, 4096x4096 and
+        # 14336x4096, int4 and int8) had split 4 win at 32 tiles and no split at 112 or more.
+        streaming = cfg.block_m <= 64
         split = 1
-        while tiles * split < 2 * num_sms and split * 2 <= min(16, k_tiles // 2):
+        while ((tiles * split < 2 * num_sms) if streaming else (tiles * split * 2 <= num_sms)) \
+                and split * 2 <= min(16, k_tiles // 2):
             split *= 2
         cfg = replace(cfg, split_k=split)
     return cfg
