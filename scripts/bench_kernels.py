@@ -290,7 +290,8 @@ def random_dense(N, K, bits, gen):
 def dense_candidates(rows):
     """The MoE candidates for this many rows, 64-row tiles and thin 32-row tiles, each with split-K 1-8: a dense
     layer has one expert's worth of output tiles, too few to fill the GPU at tens to hundreds of rows."""
-    tiles = sweep_candidates(rows, "gate_up")[:4] + sweep_candidates(64, "gate_up")[:2] + sweep_candidates(32, "gate_up")[:2]
+    tiles = [*sweep_candidates(rows, "gate_up")[:4], *sweep_candidates(64, "gate_up")[:2],
+             *sweep_candidates(32, "gate_up")[:2]]
     tiles = list(dict.fromkeys(tiles))  # GemmConfig is frozen: drop the repeats at 64 rows
     return [dataclasses.replace(c, split_k=s) for c in tiles for s in (1, 2, 4, 8)]
 

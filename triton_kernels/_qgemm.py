@@ -66,8 +66,8 @@ def _qgemm_kernel(
     HALVES: tl.constexpr = 8 // BITS
     KB: tl.constexpr = BLOCK_K * BITS // 8  # bytes of a row of the weight tile
     PER_CHANNEL: tl.constexpr = GROUP_K == 0
-    # A K tile lies in one group (BLOCK_K <= GROUP_K): its scales and zeros are loaded one tile ahead, so
-    # their latency hides behind the current tile's MMAs (H100: 1.05-1.35x at 64-4096 rows; decode int4 +-1%, int8 +2-4%)
+    # A K tile lies in one group (BLOCK_K <= GROUP_K): its scales and zeros are loaded one tile ahead, so their
+    # latency hides behind the current tile's MMAs (H100: 1.05-1.35x at 64-4096 rows; decode: int4 +-1%, int8 2-4%)
     TILE_GROUP: tl.constexpr = (not PER_CHANNEL) and GROUP_K >= BLOCK_K
     pid = tl.program_id(0)
     pid_k = pid % SPLIT_K
