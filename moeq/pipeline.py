@@ -525,7 +525,7 @@ def _solve_stage(layer, entries: list[TensorPlan], slots, sites: _Sites) -> list
         parts = _solve([slots[e.tensor.name].get(layer)[None] for e in group], hessian, group[0].scheme)
         for entry, (q, stats) in zip(group, parts):
             slot = slots[entry.tensor.name]
-            q = QuantizedTensor(q.q[0], q.scales[0], q.zeros[0], q.fmt)
+            q = q.expert(0)
             slot.set(layer, q.dequantize().to(slot.get(layer).dtype))
             results.append(_result(entry, q, stats, 0, int(accumulator.counts[0]), None))
     # routed experts: one batched solve over all experts and projections (gate and up) that share a scheme
@@ -552,7 +552,7 @@ def _expert_results(layer, group: list[TensorPlan], slots, weights, q: Quantized
     results = []
     for i, entry in enumerate(group):
         expert_report = report[entry.tensor.expert]
-        qi = QuantizedTensor(q.q[i], q.scales[i], q.zeros[i], q.fmt)
+        qi = q.expert(i)
         stats_i = {k: v[i:i + 1] for k, v in stats.items()}
         if expert_report.policy == "rtn":  # starved expert, recipe asked for round-to-nearest
             qi = rtn(weights[i].float(), q.fmt)
@@ -586,6 +586,6 @@ def quantize_lm_head(model, entry: TensorPlan, final_hidden: LayerActivations) -
             hessian.add_grouped(x, torch.tensor([x.shape[0]]))
         h, _ = hessian.finalize()
         [(q, stats)] = _solve([head.weight[None]], h, entry.scheme)
-        q = QuantizedTensor(q.q[0], q.scales[0], q.zeros[0], q.fmt)
+        q = q.expert(0)
         head.weight = torch.nn.Parameter(q.dequantize().to(head.weight.dtype), requires_grad=False)  # unties from embed
     return _result(entry, q, stats, 0, int(hessian.counts[0]), None)

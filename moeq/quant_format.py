@@ -176,6 +176,10 @@ class QuantizedTensor:
         """float32 [..., N, K]."""
         return self.fmt.dequantize(self.q, self.scales, self.zeros)
 
+    def expert(self, i: int) -> QuantizedTensor:
+        """Weight i of a stack [E, N, K] (the experts of a batched solve), as [N, K]."""
+        return QuantizedTensor(self.q[i], self.scales[i], self.zeros[i], self.fmt)
+
 
 def rtn(w: torch.Tensor, fmt: QuantFormat) -> QuantizedTensor:
     """Round-to-nearest: fit every group of w [..., N, K] on the weights themselves and round."""
