@@ -164,11 +164,6 @@ def losses(row_error: torch.Tensor, row_energy: torch.Tensor) -> tuple[torch.Ten
     return loss / row_error.shape[-1], rel_loss
 
 
-def output_error(w: torch.Tensor, dq: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, rel_loss) per expert for weights w and their quantized dq [E, N, K] under H [E, K, K]."""
-    return losses(*row_errors(w, dq, H))
-
-
 def _inverse_hessian_factor(H, perm, dead, mean_diag, damp: float):
     """(U [E, K, K] upper Cholesky factor of the inverse of the prepared Hessian, relative damping [E]).
 

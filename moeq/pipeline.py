@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from moeq.errors import MoeqError
-from moeq.gptq import GPTQResult, gptq_quantize, output_error, row_errors
+from moeq.gptq import GPTQResult, gptq_quantize, row_errors
 from moeq.hessian import RoutedHessian, Scratch, group_by_expert
 from moeq.plan import Plan, TensorPlan
 from moeq.quant_format import QuantizedTensor, rtn
@@ -555,9 +555,8 @@ def _expert_results(layer, group: list[TensorPlan], slots, weights, q: Quantized
         qi = q.expert(i)
         stats_i = {k: v[i:i + 1] for k, v in stats.items()}
         if expert_report.policy == "rtn":  # starved expert, recipe asked for round-to-nearest
-            qi = rtn(weights[i].float(), q.fmt)
-            loss, rel_loss = output_error(weights[i:i + 1].float(), qi.dequantize()[None], hessian[i:i + 1])
-            stats_i = {"loss": loss, "rel_loss": rel_loss, "damp": torch.zeros(1)}
+            [(qi, stats_i)] = _solve([weights[i:i + 1]], hessian[i:i + 1], replace(scheme, method="rtn"))
+            qi = qi.expert(0)
         slot = slots[entry.tensor.name]
         slot.set(layer, qi.dequantize().to(weights.dtype))
         results.append(_result(entry, qi, stats_i, 0, expert_report.tokens, expert_report.policy,
