@@ -224,6 +224,22 @@ def sweep_candidates(rows, gemm):
     return base
 
 
+def time_candidates(label, candidates, run):
+    """[(us, config)], fastest first, of the function run(config) returns, per candidate; a config that
+    cannot compile or launch (shared memory, registers) is reported and left out."""
+    res = []
+    for cfg in candidates:
+        try:
+            res.append((bench(run(cfg), rep=30), cfg))
+        except Exception as exc:
+            out(f"  sweep {label} {cfg_str(cfg)}: {type(exc).__name__}: {str(exc)[:100]}")
+    return sorted(res, key=lambda t: t[0])
+
+
+def fastest(res, n=3):
+    return ", ".join(f"{cfg_str(c)} {t:.1f}us" for t, c in res[:n])
+
+
 def run_sweep(name, tokens, bits, gen, best):
     """Time each GEMM alone over candidate configs; prints the best few per (shape, T, gemm) and
     records the best in best[(name, T, bits)] = (gate_up config, down config)."""
@@ -239,31 +255,25 @@ def run_sweep(name, tokens, bits, gen, best):
         rows = P / min(E, P)
         for gemm, w in (("gate_up", w13), ("down", w2)):
             fl = floor_us(hit, H, I, bits, T, k)[0] * (2 / 3 if gemm == "gate_up" else 1 / 3)
-            res = []
-            for cfg in sweep_candidates(rows, gemm):
+
+            def run(cfg):  # called within this iteration: gemm and w are this loop's
                 r = moe_align_block_size(ids, E, cfg.block_m)
                 nb = max_blocks(P, E, cfg.block_m)
                 if gemm == "gate_up":
                     c = torch.empty(P, I, device="cuda", dtype=torch.bfloat16)
-                    fn = lambda: _qgemm.launch(x, w, c, cfg, num_rows=P, num_m_blocks=nb,  # noqa: E731
-                                               epilogue=_qgemm.EPILOGUE_SILU_MUL, a_div=k, routing=r)
-                else:
-                    c = torch.zeros(T, H, device="cuda", dtype=torch.float32)
-                    fn = lambda: _qgemm.launch(h, w, c, cfg, num_rows=P, num_m_blocks=nb,  # noqa: E731
-                                               epilogue=_qgemm.EPILOGUE_WEIGHTED_SUM, c_div=k,
-                                               topk_weights=wts.reshape(-1), routing=r)
-                try:
-                    res.append((bench(fn, rep=30), cfg))
-                except Exception as exc:  # a config can exceed shared memory or registers
-                    out(f"  sweep {name} T={T} {gemm} {cfg_str(cfg)}: {type(exc).__name__}: {str(exc)[:100]}")
-            res.sort(key=lambda t: t[0])
+                    return lambda: _qgemm.launch(x, w, c, cfg, num_rows=P, num_m_blocks=nb,
+                                                 epilogue=_qgemm.EPILOGUE_SILU_MUL, a_div=k, routing=r)
+                c = torch.zeros(T, H, device="cuda", dtype=torch.float32)
+                return lambda: _qgemm.launch(h, w, c, cfg, num_rows=P, num_m_blocks=nb,
+                                             epilogue=_qgemm.EPILOGUE_WEIGHTED_SUM, c_div=k,
+                                             topk_weights=wts.reshape(-1), routing=r)
+
+            res = time_candidates(f"{name} T={T} {gemm}", sweep_candidates(rows, gemm), run)
             best.setdefault((name, T, bits), {})[gemm] = res[0][1]
-            for t, cfg in res:
-                with open(ALL_PATH, "a") as f:
-                    f.write(f"{name} int{bits} T={T} rows={rows:.1f} {gemm} {cfg_str(cfg)} g{cfg.group_m} "
-                            f"{t:.2f}us floor={fl:.2f}\n")
-            top = ", ".join(f"{cfg_str(c)} {t:.1f}us" for t, c in res[:3])
-            out(f"| sweep | {name} | int{bits} | {T} | {gemm} | floor {fl:.1f}us | {top} |")
+            with open(ALL_PATH, "a") as f:
+                f.writelines(f"{name} int{bits} T={T} rows={rows:.1f} {gemm} {cfg_str(cfg)} g{cfg.group_m} "
+                             f"{t:.2f}us floor={fl:.2f}\n" for t, cfg in res)
+            out(f"| sweep | {name} | int{bits} | {T} | {gemm} | floor {fl:.1f}us | {fastest(res)} |")
     del w13, w2
     torch.cuda.empty_cache()
 
@@ -303,18 +313,12 @@ def run_dense_sweep(bits, tokens, gen, best_dense):
         w = random_dense(N, K, bits, gen)
         for M in tokens:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
-            res = []
-            for cfg in dense_candidates(M):
-                try:
-                    res.append((bench(lambda: quant_linear(x, w, config=cfg, path="kernel"), rep=30), cfg))
-                except Exception as exc:  # a config can exceed shared memory or registers
-                    out(f"  sweep dense {N}x{K} M={M} {cfg_str(cfg)}: {type(exc).__name__}: {str(exc)[:100]}")
-            res.sort(key=lambda t: t[0])
+            res = time_candidates(f"dense {N}x{K} M={M}", dense_candidates(M),
+                                  lambda cfg: lambda: quant_linear(x, w, config=cfg, path="kernel"))
             best_dense[(N, K, M, bits)] = res[0][1]
             with open(ALL_PATH, "a") as f:
                 f.writelines(f"dense int{bits} {N}x{K} M={M} {cfg_str(c)} {t:.2f}us\n" for t, c in res)
-            top = ", ".join(f"{cfg_str(c)} {t:.1f}us" for t, c in res[:3])
-            out(f"| sweep | dense {N}x{K} | int{bits} | {M} | | | {top} |")
+            out(f"| sweep | dense {N}x{K} | int{bits} | {M} | | | {fastest(res)} |")
 
 
 def run_dense(bits, tokens, paths, gen, best_dense):
