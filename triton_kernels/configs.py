@@ -88,8 +88,9 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
 # dense 4096x4096 and 14336x4096, int4 and int8, with the default rule of session 5 (run 24): the Triton
 # GEMM ties or wins at 256 rows (int4 40.9 vs 40.0 us, 91.5 vs 116.1 us), dequant wins from 512 (44.7 vs
 # 64.4 us, 152.4 vs 175.4 us; 257-511 rows not measured); Mixtral's MoE block faster from 2048 rows per
-# expert (T = 8192: 12.6 vs 14.4 ms, run 22 12.66 vs 14.43 ms), slower at 1024 and below; Qwen3- and DeepSeek-shaped blocks lost at every count
-# measured (up to 256 and 128 rows per expert) and reach 2048 only beyond 32k tokens per call.
+# expert (T = 8192: 12.6 vs 14.4 ms, run 22 12.66 vs 14.43 ms), slower at 1024 and below; Qwen3- and
+# DeepSeek-shaped blocks lost at every count measured (up to 256 and 128 rows per expert) and reach 2048
+# only beyond 32k tokens per call.
 DEQUANT_MIN_ROWS: dict[str, int] = {"default": 512}
 DEQUANT_MIN_ROWS_PER_EXPERT: dict[str, int] = {"default": 2048}
 # fused_moe's dequant path dequantizes a contiguous range of experts at a time into one scratch buffer of
