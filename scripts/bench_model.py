@@ -53,8 +53,9 @@ def hf_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 def decode_tokens_per_s(generate, prompt: torch.Tensor, device, batch: int, short: int = 32, long: int = 160,
                         repeats: int = 3) -> float:
-    """Steady-state decode rate: generate(ids [batch, 32] from `batch` windows of prompt, n) timed for n = short and n = long new tokens,
-    batch * (long - short) / (t_long - t_short), so prefill, warm-up steps and graph capture cancel out;
+    """Steady-state decode rate: generate(ids [batch, 32] from `batch` windows of prompt, n) timed for
+    n = short and n = long new tokens, batch * (long - short) / (t_long - t_short), so prefill, warm-up steps
+    and graph capture cancel out;
     the median over `repeats` pairs (set-up times vary by tens of ms between calls)."""
     ids = prompt[:batch, :32].to(device)  # distinct prompts: identical rows would all route to the same experts
 
