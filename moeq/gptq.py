@@ -11,9 +11,7 @@ Python loop over experts. Differences from the reference code, all deliberate:
     Cholesky fails (reported in `damp`), so one ill-conditioned expert does not fail the layer;
   - group scales are fitted on fully error-updated columns (blocks are aligned to whole groups);
   - with act_order the groups are static (fitted on the original weight's contiguous groups), so the
-    result needs no runtime permutation (see moeq.quant_format for the stored convention);
-  - optionally (`refit_scales`), the group scales are refitted by least squares for the final integer
-    codes (`least_squares_scales`), per row only where that lowers the row's error.
+    result needs no runtime permutation (see moeq.quant_format for the stored convention).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from moeq.quant_format import QuantFormat, QuantizedTensor
 
 _DAMP_TRIES = 8            # damping may grow by up to 10**7 before we give up
 _DAMP_WHEN_ZERO = 1e-6     # first retry's relative damping when the caller asked for damp=0
-_REFIT_RIDGE = 1e-4        # scale refit: ridge toward the old scales, relative to the mean diagonal of A
 
 
 @dataclass(frozen=True)
@@ -66,9 +63,8 @@ class GPTQResult:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, act_order: bool = False,
-                  damp: float = 0.01, block_size: int = 128, refit_scales: bool = False) -> GPTQResult:
-    """Quantize W [E, N, K] (or [N, K]) given mean Hessians H [E, K, K] (or [K, K]); inputs untouched.
-    refit_scales: refit the group scales to the final codes by least squares (`least_squares_scales`)."""
+                  damp: float = 0.01, block_size: int = 128) -> GPTQResult:
+    """Quantize W [E, N, K] (or [N, K]) given mean Hessians H [E, K, K] (or [K, K]); inputs untouched."""
     squeeze = W.dim() == 2
     if squeeze:
         W, H = W.unsqueeze(0), H.unsqueeze(0)
@@ -142,11 +138,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, act_ord
     if act_order:
         Qt = Qt.gather(1, torch.argsort(perm, dim=-1)[:, :, None].expand(E, K, N))
     Q = Qt.transpose(1, 2).contiguous()                                      # [E, N, K]
-    del Qt, Wt, U
+    del Qt, Wt
     scales16, zeros8 = scales.to(torch.float16), zeros.to(torch.uint8)
     row_error, row_energy = row_errors(w_orig, fmt.dequantize(Q, scales16, zeros8), H)
-    if refit_scales:
-        scales16, row_error = least_squares_scales(w_orig, H, Q, scales16, zeros8, row_error)
     out = dict(q=Q, scales=scales16, zeros=zeros8, row_error=row_error, row_energy=row_energy, damp=rel_damp,
                dead_columns=dead.sum(-1))
     if squeeze:
@@ -154,52 +148,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, act_ord
     return GPTQResult(**out, fmt=fmt)
 
 
-def least_squares_scales(w: torch.Tensor, H: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
-                         zeros: torch.Tensor, row_error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales float16 [E, N, G], row_error [E, N]): each row's group scales refitted to its fixed codes.
-
-    w: [E, N, K] float32, H: [E, K, K] float32 (symmetric, undamped), q / zeros: uint8 [E, N, K] / [E, N, G],
-    scales: float16 [E, N, G], row_error: [E, N] the rows' errors with `scales`. With c = q - zero, a row's
-    dequantized weight is s[g(k)] * c[k], so its error (w - dq) H (w - dq)^T is quadratic in its G scales,
-    minimised by A s = b with A[g, h] = c_g H c_h^T and b[g] = c_g H w^T (c_g: c masked to group g). A small
-    ridge toward the old scales keeps all-zero groups (they keep their scale) and singular A solvable.
-    New scales are rounded to float16 and a scale that is not finite and positive there keeps its old
-    value; a row takes its new scales only if its error with them is strictly lower.
-    """
-    E, N, K = w.shape
-    G = scales.shape[-1]
-    gs = K // G
-    c = q.float() - zeros.float().repeat_interleave(gs, dim=-1)             # [E, N, K] codes about the zero
-    # A: [E, N, G, G] float64, one group h at a time so no temporary exceeds [E, N, K]: c_h H is
-    # c[..., cols of h] @ H[cols of h, :], and its dot with c over group g's columns is A[h, g].
-    A = torch.empty(E, N, G, G, dtype=torch.float64, device=w.device)
-    for h in range(G):
-        cols = slice(h * gs, (h + 1) * gs)
-        A[..., h, :] = torch.bmm(c[..., cols], H[:, cols]).mul_(c).view(E, N, G, gs).sum(-1)
-    b = torch.bmm(w, H).mul_(c).view(E, N, G, gs).sum(-1).double()          # [E, N, G]
-    old = scales.double()
-    ridge = _REFIT_RIDGE * A.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)  # [E, N, 1]
-    ridge = torch.where(ridge > 0, ridge, torch.ones_like(ridge))  # A = 0 (all codes 0, or H = 0): s = old
-    A.diagonal(dim1=-2, dim2=-1).add_(ridge)
-    # float64: only the ridge bounds A's condition number (by about G / _REFIT_RIDGE); the G x G solves
-    # cost little next to building A
-    s, info = torch.linalg.solve_ex(A, (b + ridge * old).unsqueeze(-1))
-    new = s.squeeze(-1).to(torch.float16)                                    # [E, N, G]
-    new = torch.where((info == 0)[..., None] & torch.isfinite(new) & (new > 0), new, scales)
-    err = _quadratic(c * new.float().repeat_interleave(gs, dim=-1) - w, H)  # as fmt.dequantize computes dq
-    better = err < row_error  # strict: ties keep the GPTQ scales
-    return torch.where(better[..., None], new, scales), torch.where(better, err, row_error)
-
-
 def row_errors(w: torch.Tensor, dq: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(error, energy) [E, N] per output row of weights w and their quantized dq [E, N, K] under H [E, K, K]:
     the squared output error (dq - w) H (dq - w)^T and the output energy w H w^T of each row."""
-    return _quadratic(dq - w, H), _quadratic(w, H)
-
-
-def _quadratic(m: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """[E, N] m H m^T of each row of m [E, N, K] under H [E, K, K]."""
-    return (torch.bmm(m, H) * m).sum(-1)
+    def energy(m):
+        return (torch.bmm(m, H) * m).sum(-1)
+    return energy(dq - w), energy(w)
 
 
 def losses(row_error: torch.Tensor, row_energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -372,8 +372,7 @@ def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, scheme) -> list[t
     fmt = scheme.format
     w = weights[0].float() if len(weights) == 1 else torch.cat([x.float() for x in weights], dim=1)
     if scheme.method == "gptq":
-        result = gptq_quantize(w, hessian, fmt, act_order=scheme.act_order, damp=scheme.damp,
-                               refit_scales=scheme.refit)
+        result = gptq_quantize(w, hessian, fmt, act_order=scheme.act_order, damp=scheme.damp)
     else:
         q = rtn(w, fmt)
         none = torch.zeros(w.shape[0], dtype=torch.long)

@@ -50,7 +50,6 @@ class Scheme:
     method: str = "gptq"       # "gptq" | "rtn"
     damp: float = 0.01         # relative diagonal damping of the Hessian
     clip: bool = False         # MSE search of each group's clipping range
-    refit: bool = False        # GPTQ: least-squares refit of the group scales to the final codes
     min_tokens: int = 256      # experts with fewer routed tokens get the `starved` policy
     starved: str = "shrink"    # "shrink": blend with the layer-average Hessian | "rtn": round to nearest
     gate_weighted: bool = False  # weight each token in an expert's Hessian by its gate score (AGQ)
@@ -249,7 +248,7 @@ def _scheme(values: dict, where: str) -> Scheme:
         (isinstance(scheme.damp, (int, float)) and 0 < scheme.damp <= 1, f"damp {scheme.damp!r}: use a number in (0, 1]"),
         (isinstance(scheme.min_tokens, int) and scheme.min_tokens >= 0, f"min_tokens {scheme.min_tokens!r}: use an integer >= 0"),
     ] + [(isinstance(getattr(scheme, k), bool), f"{k} must be true or false")
-         for k in ("sym", "act_order", "clip", "refit", "gate_weighted")]
+         for k in ("sym", "act_order", "clip", "gate_weighted")]
     for ok, message in checks:
         if not ok:
             raise RecipeError(f"{where}: {message}")

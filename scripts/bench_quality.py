@@ -25,10 +25,9 @@ from moeq.recipe import load_recipe
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 
 # variant name -> recipe overrides on top of uniform-int4; every switch is set explicitly
-def _variant(method="gptq", sym=True, clip=False, agq=False, act=True, refit=False):
+def _variant(method="gptq", sym=True, clip=False, agq=False, act=True):
     return [f"defaults.method={method}", f"defaults.sym={str(sym).lower()}", f"defaults.clip={str(clip).lower()}",
-            f"defaults.gate_weighted={str(agq).lower()}", f"defaults.act_order={str(act).lower()}",
-            f"defaults.refit={str(refit).lower()}"]
+            f"defaults.gate_weighted={str(agq).lower()}", f"defaults.act_order={str(act).lower()}"]
 
 
 VARIANTS = {
@@ -43,8 +42,6 @@ VARIANTS = {
     "gptq-asym-clip": _variant(sym=False, clip=True),
     "gptq-asym-agq": _variant(sym=False, agq=True),
     "gptq-asym-clip-agq": _variant(sym=False, clip=True, agq=True),
-    "gptq-sym-clip-agq-refit": _variant(clip=True, agq=True, refit=True),
-    "gptq-asym-clip-agq-refit": _variant(sym=False, clip=True, agq=True, refit=True),
 }
 
 
@@ -74,21 +71,21 @@ def main() -> None:
                 for seed in args.seeds:
                     rows.append(run(model, variant, seed, Path(tmp)))
                     r = rows[-1]
-                    print(f"{r['model']:15s} {r['variant']:24s} seed {seed} ppl {r['before']:.3f} -> {r['after']:.3f}",
+                    print(f"{r['model']:15s} {r['variant']:18s} seed {seed} ppl {r['before']:.3f} -> {r['after']:.3f}",
                           flush=True)
     print()
-    print(f"{'model':15s} {'variant':24s} {'seed':>4s} {'bf16 ppl':>9s} {'quant ppl':>9s} {'delta':>7s} "
+    print(f"{'model':15s} {'variant':18s} {'seed':>4s} {'bf16 ppl':>9s} {'quant ppl':>9s} {'delta':>7s} "
           f"{'min route agr':>13s} {'time s':>7s}")
     for (model, variant), runs in itertools.groupby(rows, key=lambda r: (r["model"], r["variant"])):
         runs = list(runs)
         for r in runs:
             delta = 100 * (r["after"] / r["before"] - 1)
-            print(f"{model:15s} {variant:24s} {r['seed']:4d} {r['before']:9.3f} {r['after']:9.3f} {delta:+6.2f}% "
+            print(f"{model:15s} {variant:18s} {r['seed']:4d} {r['before']:9.3f} {r['after']:9.3f} {delta:+6.2f}% "
                   f"{r['agreement']:13.1%} {r['seconds']:7.1f}")
         if len(runs) > 1:
             before, after = runs[0]["before"], sum(r["after"] for r in runs) / len(runs)
             delta = 100 * (after / before - 1)
-            print(f"{model:15s} {variant:24s} {'mean':>4s} {before:9.3f} {after:9.3f} {delta:+6.2f}%")
+            print(f"{model:15s} {variant:18s} {'mean':>4s} {before:9.3f} {after:9.3f} {delta:+6.2f}%")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,3 @@
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from moeq.pipeline import (ATTENTION_OUTPUT, INPUT_STAGE, MLP_BLOCK, ModuleResul
                            layer_outputs, load_model_tensor, quantize_layer, routed_pairs, run_layer, split_at_mlp)
 from moeq.plan import make_plan
 from moeq.quant_format import QuantFormat, rtn
-from moeq.recipe import Scheme, load_recipe
+from moeq.recipe import load_recipe
 from moeq.shards import ShardReader, weight_slot
 
 from conftest import DATA, FIXTURES, TINY_CONFIGS
@@ -111,20 +109,6 @@ def test_rtn_policy_for_starved_experts(tiny_checkpoints):
     experts = [r for r in results if r.role == "expert"]
     assert experts and all(r.method == "rtn" and r.fallback == "rtn" for r in experts)
     assert all(r.method == "gptq" for r in results if r.role == "attn")
-
-
-def test_scale_refit_applies_to_gptq_only():
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(256, 64, generator=gen)
-    W, H = torch.randn(2, 16, 64, generator=gen), (x.T @ x / 256).expand(2, 64, 64)
-    scheme = Scheme(bits=4, group_size=32, refit=True)
-    # RTN (method rtn, and the starved-expert fallback that goes through it) stays round-to-nearest
-    [(q, _)] = pipeline._solve([W], H, replace(scheme, method="rtn"))
-    plain = rtn(W, scheme.format)
-    assert torch.equal(q.q, plain.q) and torch.equal(q.scales, plain.scales)
-    [(on, on_stats)], [(off, off_stats)] = (pipeline._solve([W], H, s) for s in (scheme, replace(scheme, refit=False)))
-    assert torch.equal(on.q, off.q) and not torch.equal(on.scales, off.scales)
-    assert bool((on_stats["loss"] < off_stats["loss"]).all())
 
 
 def test_expert_intermediate_matches_the_experts_forward():

@@ -116,7 +116,6 @@ def test_overrides_by_dotted_path():
     ("rules: [{role: expert, layers: 'x-y', bits: 4}]", "index spec 'x-y'"),
     ("rules: [{name: '(', bits: 4}]", "not a valid regex"),
     ("rules: [{role: expert, bits: 4, sym: maybe}]", "sym must be true or false"),
-    ("rules: [{role: expert, bits: 4, refit: 1}]", "refit must be true or false"),
     ("rules: {role: expert}", "`rules` must be a list"),
     ("- just a list", "a recipe is a mapping"),
 ])
@@ -130,12 +129,6 @@ def test_validation_errors_name_the_rule_and_key(tmp_path, text, message):
 def test_unknown_recipe_lists_builtins():
     with pytest.raises(RecipeError, match="built-in name .*mixtral.*did you mean 'mixtral'"):
         load_recipe("mixtrall")
-
-
-def test_refit_key_reaches_the_scheme(tmp_path):
-    recipe = load_recipe(_write(tmp_path, "refit.yaml", "defaults: {refit: false}\nrules:\n"
-                                "  - {role: attn, bits: 8}\n  - {role: expert, bits: 4, refit: true}\n"))
-    assert [r.scheme.refit for r in recipe.rules] == [False, True]
 
 
 def test_every_builtin_recipe_loads():
