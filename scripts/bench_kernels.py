@@ -193,13 +193,14 @@ def run_shape(name, tokens, bits_list, paths, gen, baseline_cache, best):
 
 
 def cfg_str(c):
-    mode = (" swap" if c.swap_ab else "") + (" int" if c.int_mma else "")
+    mode = (" swap" if c.swap_ab else "") + (" int" if c.int_mma else "") + (f" r{c.max_regs}" if c.max_regs else "")
     return f"{c.block_m}x{c.block_n}x{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}{mode}"
 
 
 def sweep_candidates(rows, gemm):
     """Configs to time for one GEMM at this many rows per expert; for the down GEMM the first four
-    (and at <= 32 rows the two 32-weight-row tiles) are tried with split-K. swap: weights as the register MMA operand; int: integer MMA."""
+    (and at <= 32 rows the two 32-weight-row tiles and the register-capped tiles) are tried with split-K.
+    swap: weights as the register MMA operand; int: integer MMA; r: register cap (more programs per SM)."""
     def c(bm, bn, bk, w, st, swap=False, int_mma=False):
         return GemmConfig(bm, bn, bk, 1, 8, w, st, swap, int_mma)
     if rows <= 32:
@@ -209,6 +210,10 @@ def sweep_candidates(rows, gemm):
                 c(bm, 64, 128, 4, 6, True, True), c(64, 128, 64, 4, 4, False, True),
                 c(bm, 32, 128, 4, 4, True, True), c(bm, 32, 128, 2, 4, True, True), c(bm, 64, 128, 2, 4, True, True),
                 c(bm, 32, 128, 4, 6, True, True)]
+        # 16-row tiles take ~120 registers (4 programs per SM on an H100); capped at 96 (no spills) they
+        # fit 5, at 80 (a few spilled) 6 with 3 stages
+        capped = [dataclasses.replace(c, max_regs=r, num_stages=st) for c in base[:2] for r, st in ((96, 4), (80, 3))]
+        base += capped
     elif rows <= 128:
         base = [c(64, 128, 64, 4, 4, True), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, True),
                 c(128, 128, 64, 4, 4, True), c(64, 256, 64, 8, 3, True), c(128, 128, 64, 8, 3),
@@ -219,7 +224,7 @@ def sweep_candidates(rows, gemm):
                 c(128, 128, 64, 4, 3, True), c(64, 256, 64, 8, 3, True)]
     if gemm == "down":  # split-K for the first four and, at few rows, the 32-weight-row tiles
         splits = (1, 2, 4, 8) if rows <= 32 else (1, 2)
-        thin = base[8:10] if rows <= 32 else []
+        thin = base[8:10] + base[12:] if rows <= 32 else []
         base = [dataclasses.replace(c, split_k=s) for c in base[:4] + thin for s in splits]
     return base
 

@@ -22,59 +22,62 @@ class GemmConfig:
     num_stages: int = 4
     swap_ab: bool = False  # compute (W A^T)^T: weights as the register operand, tokens as MMA N
     int_mma: bool = False  # MMA on the raw integers, scale and zero point applied once per group
+    max_regs: int | None = None  # ptxas register cap per thread (Triton's maxnreg): more programs per SM
 
 
-def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False):
-    return GemmConfig(bm, bn, bk, sk, gm, w, s, swap, int_mma)
+def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None):
+    return GemmConfig(bm, bn, bk, sk, gm, w, s, swap, int_mma, regs)
 
 
 # From `scripts/bench_kernels.py --sweep` on an H100 (int4); benchmarks/kernels.md has the numbers behind them.
-# Entries for 256-4096 tokens re-swept after the scale prefetch (session 5, run 21 of kernels_v2_h100.txt).
+# Entries for 256-4096 tokens re-swept after the scale prefetch (session 5, run 21 of kernels_v2_h100.txt); for
+# 1-64 tokens in session 6 (run 26), where 128-row weight tiles overtook the 64-row ones and a register cap
+# (max_regs 80: 6 programs per SM instead of 4) won Qwen3's down GEMM.
 TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
     ('NVIDIA H100 80GB HBM3', 8, 28672, 4096, 4): {  # Mixtral-8x7B gate/up
         1: _c(16, 64, 128, swap=True, int_mma=True),
-        16: _c(16, 64, 128, swap=True, int_mma=True),
-        64: _c(16, 64, 128, swap=True, int_mma=True),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True),
+        64: _c(16, 128, 128, s=3, swap=True, int_mma=True),
         256: _c(64, 128, 64, swap=True),
         1024: _c(128, 128, 64, s=3, swap=True),
         4096: _c(256, 128, 64, w=8, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 8, 4096, 14336, 4): {  # Mixtral-8x7B down
-        1: _c(16, 64, 128, sk=4, swap=True, int_mma=True),
-        16: _c(16, 64, 128, sk=4, swap=True, int_mma=True),
-        64: _c(16, 64, 128, sk=4, swap=True, int_mma=True),
+        1: _c(16, 128, 128, sk=4, swap=True, int_mma=True),
+        16: _c(16, 128, 128, sk=4, swap=True),
+        64: _c(16, 128, 128, sk=4, swap=True),
         256: _c(64, 128, 64, sk=2, swap=True),
         1024: _c(256, 128, 64, sk=2, w=8, s=3, swap=True),
         4096: _c(256, 128, 64, sk=2, w=8, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 128, 1536, 2048, 4): {  # Qwen3-30B-A3B gate/up
-        1: _c(16, 64, 128, swap=True, int_mma=True),
-        16: _c(16, 64, 128, swap=True, int_mma=True),
-        64: _c(16, 64, 128, swap=True, int_mma=True),
+        1: _c(16, 128, 128, swap=True, int_mma=True),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True),
+        64: _c(16, 128, 128, s=3, swap=True, int_mma=True),
         256: _c(16, 128, 128, s=3, swap=True, int_mma=True),
         1024: _c(64, 128, 64, swap=True),
         4096: _c(128, 128, 64, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 128, 2048, 768, 4): {  # Qwen3-30B-A3B down
-        1: _c(16, 64, 128, swap=True, int_mma=True),
-        16: _c(16, 64, 128, swap=True, int_mma=True),
-        64: _c(16, 64, 128, swap=True, int_mma=True),
+        1: _c(16, 128, 128, sk=2, swap=True, int_mma=True),
+        16: _c(16, 64, 128, s=3, swap=True, int_mma=True, regs=80),
+        64: _c(16, 64, 128, s=3, swap=True, int_mma=True, regs=80),
         256: _c(16, 128, 128, swap=True),
         1024: _c(128, 128, 64, swap=True),
         4096: _c(256, 128, 64, w=8, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 256, 4096, 7168, 4): {  # DeepSeek-V3 gate/up
-        1: _c(16, 64, 128, swap=True, int_mma=True),
-        16: _c(16, 64, 128, s=6, swap=True, int_mma=True),
-        64: _c(16, 64, 128, s=6, swap=True, int_mma=True),
+        1: _c(16, 128, 128, swap=True, int_mma=True),
+        16: _c(16, 128, 128, swap=True, int_mma=True),
+        64: _c(16, 128, 128, swap=True, int_mma=True),
         256: _c(16, 128, 128, swap=True, int_mma=True),
         1024: _c(32, 128, 128, s=3, swap=True, int_mma=True),
         4096: _c(128, 128, 64, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 256, 7168, 2048, 4): {  # DeepSeek-V3 down
-        1: _c(16, 64, 128, sk=2, swap=True, int_mma=True),
-        16: _c(16, 64, 128, swap=True, int_mma=True),
-        64: _c(16, 64, 128, swap=True, int_mma=True),
+        1: _c(16, 128, 128, sk=2, swap=True, int_mma=True),
+        16: _c(16, 128, 128, swap=True),
+        64: _c(16, 128, 128, swap=True),
         256: _c(16, 128, 128, swap=True),
         1024: _c(32, 128, 128, swap=True),
         4096: _c(128, 128, 64, swap=True),
