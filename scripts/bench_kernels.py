@@ -193,16 +193,14 @@ def run_shape(name, tokens, bits_list, paths, gen, baseline_cache, best):
 
 
 def cfg_str(c):
-    mode = ((" swap" if c.swap_ab else "") + (" int" if c.int_mma else "") + (f" r{c.max_regs}" if c.max_regs else "")
-            + (" fma" if c.fma else ""))
+    mode = (" swap" if c.swap_ab else "") + (" int" if c.int_mma else "") + (f" r{c.max_regs}" if c.max_regs else "")
     return f"{c.block_m}x{c.block_n}x{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}{mode}"
 
 
 def sweep_candidates(rows, gemm):
     """Configs to time for one GEMM at this many rows per expert; for the down GEMM the first four
-    (and at <= 32 rows the two 32-weight-row tiles, the register-capped tiles and at <= 2 rows the one-row
-    CUDA-core tiles) are tried with split-K. swap: weights as the register MMA operand; int: integer MMA;
-    r: register cap (more programs per SM); fma: one row per program, multiply-adds instead of the MMA."""
+    (and at <= 32 rows the two 32-weight-row tiles and the register-capped tiles) are tried with split-K.
+    swap: weights as the register MMA operand; int: integer MMA; r: register cap (more programs per SM)."""
     def c(bm, bn, bk, w, st, swap=False, int_mma=False):
         return GemmConfig(bm, bn, bk, 1, 8, w, st, swap, int_mma)
     if rows <= 32:
@@ -216,9 +214,6 @@ def sweep_candidates(rows, gemm):
         # fit 5, at 80 (a few spilled) 6 with 3 stages
         capped = [dataclasses.replace(c, max_regs=r, num_stages=st) for c in base[:2] for r, st in ((96, 4), (80, 3))]
         base += capped
-        if rows <= 2:  # one row per program on the CUDA cores: each extra row re-reads the expert's weights
-            base += [GemmConfig(1, bn, 128, 1, 8, w, 1, True, True, fma=True)
-                     for bn, w in ((64, 4), (64, 8), (128, 4), (128, 8), (32, 4))]
     elif rows <= 128:
         base = [c(64, 128, 64, 4, 4, True), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, True),
                 c(128, 128, 64, 4, 4, True), c(64, 256, 64, 8, 3, True), c(128, 128, 64, 8, 3),

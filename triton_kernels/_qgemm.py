@@ -51,7 +51,6 @@ def _qgemm_kernel(
     BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, INT_MMA: tl.constexpr,
-    FMA: tl.constexpr,
 ):
     # A: [*, K] fp16/bf16   W: packed bytes [E, N, Kp*bits/8]   C: [*, N] (or [*, N/2] for SILU_MUL)
     # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset
@@ -63,9 +62,6 @@ def _qgemm_kernel(
     # acc += s * (P - (OFFSET + z) * sum_k a): zero point and offset come off through the
     # activations' row sums and the scale is applied in fp32, so a weight costs a mask and an OR.
     # Otherwise each weight is dequantized, W = DT(DT(OFFSET + q - (OFFSET + z)) * DT(s)).
-    # FMA (one row per program, BLOCK_M == 1; with SWAP_AB and INT_MMA): P is summed on the CUDA cores,
-    # lanes[n, j] += (OFFSET + q) * a per weight and a row sum per group, with no MMA, no operand staging in
-    # shared memory and no wait on it: a decode row (one token per expert) wastes 15 of the MMA's 16 columns.
     DT: tl.constexpr = a_ptr.dtype.element_ty
     HALVES: tl.constexpr = 8 // BITS
     KB: tl.constexpr = BLOCK_K * BITS // 8  # bytes of a row of the weight tile
@@ -118,19 +114,9 @@ def _qgemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     part = tl.zeros_like(acc)
     asum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if FMA:  # no MMA operand, so Triton does not pipeline the weight loads: each tile is loaded one ahead
-        lanes = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
-        tile_ok = tl.zeros((1, KB), dtype=tl.int32)  # + kt < kt_hi: whether tile kt exists, as a mask
-        raw_next = tl.load(w_ptrs + kt_lo * BLOCK_K * BITS // 8, mask=n_mask[:, None] & (tile_ok + kt_lo < kt_hi),
-                           other=0)
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
-        if FMA:
-            raw = raw_next
-            raw_next = tl.load(w_ptrs + (k0 + BLOCK_K) * BITS // 8,
-                               mask=n_mask[:, None] & (tile_ok + kt + 1 < kt_hi), other=0)
-        else:
-            raw = tl.load(w_ptrs + k0 * BITS // 8, mask=n_mask[:, None], other=0)  # [BLOCK_N, KB] bytes
+        raw = tl.load(w_ptrs + k0 * BITS // 8, mask=n_mask[:, None], other=0)  # [BLOCK_N, KB] bytes
         if TILE_GROUP:
             g_next = min(kt + 1, kt_hi - 1) * BLOCK_K // GROUP_K
             s_next, zo_next = load_scale_zero(s_ptrs + g_next * stride_sg, z_ptrs + g_next * stride_sg, n_mask,
@@ -145,15 +131,9 @@ def _qgemm_kernel(
                 g = (k0 + h * 32) // GROUP_K
                 s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
             if INT_MMA:
-                if FMA:
-                    lanes += w.to(tl.float32) * a.to(tl.float32)  # [BLOCK_N, KB] * [1, KB]
-                else:
-                    part = _mma(a, w, part, SWAP_AB)
+                part = _mma(a, w, part, SWAP_AB)
                 asum += tl.sum(a.to(tl.float32), axis=1)
                 if (not PER_CHANNEL) and ((h == HALVES - 1) or (GROUP_K < BLOCK_K)):
-                    if FMA:
-                        part = tl.sum(lanes, axis=1)[:, None]
-                        lanes = tl.zeros_like(lanes)
                     acc += _close_group(part, asum, s, zo, SWAP_AB)
                     part = tl.zeros_like(part)
                     asum = tl.zeros_like(asum)
@@ -163,8 +143,6 @@ def _qgemm_kernel(
         if TILE_GROUP:
             s, zo = s_next, zo_next
     if INT_MMA and PER_CHANNEL:
-        if FMA:
-            part = tl.sum(lanes, axis=1)[:, None]
         acc = _close_group(part, asum, s, zo, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -221,6 +199,6 @@ def launch(a, w, c, cfg, *, num_rows, num_m_blocks, epilogue, a_div=1, c_div=1,
         c.stride(0),
         BITS=w.bits, GROUP_K=group_k, OFFSET=unpack_offset(w.bits, a.dtype), EPILOGUE=epilogue,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-        SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, FMA=cfg.fma, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, maxnreg=cfg.max_regs,
+        SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=cfg.max_regs,
     )

@@ -23,17 +23,10 @@ class GemmConfig:
     swap_ab: bool = False  # compute (W A^T)^T: weights as the register operand, tokens as MMA N
     int_mma: bool = False  # MMA on the raw integers, scale and zero point applied once per group
     max_regs: int | None = None  # ptxas register cap per thread (Triton's maxnreg): more programs per SM
-    fma: bool = False  # one row per program (block_m 1): CUDA-core multiply-adds instead of the MMA
-
-    def __post_init__(self):
-        if self.fma and not (self.block_m == 1 and self.swap_ab and self.int_mma):
-            raise ValueError(f"fma=True needs block_m=1, swap_ab=True and int_mma=True, got {self}")
-        if self.block_m < 16 and not self.fma:
-            raise ValueError(f"the MMA needs block_m >= 16 (block_m < 16 only with fma=True), got {self}")
 
 
-def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None, fma=False):
-    return GemmConfig(bm, bn, bk, sk, gm, w, s, swap, int_mma, regs, fma)
+def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None):
+    return GemmConfig(bm, bn, bk, sk, gm, w, s, swap, int_mma, regs)
 
 
 # From `scripts/bench_kernels.py --sweep` on an H100 (int4); benchmarks/kernels.md has the numbers behind them.

@@ -2,7 +2,6 @@ import pytest
 
 from triton_kernels import configs
 from triton_kernels.configs import (
-    GemmConfig,
     DEQUANT_MIN_ROWS,
     DEQUANT_MIN_ROWS_PER_EXPERT,
     TUNED,
@@ -66,16 +65,3 @@ def test_use_dequant():
 def test_dequant_chunk_experts(monkeypatch):
     monkeypatch.setattr(configs, "DEQUANT_SCRATCH_BYTES", 1000)
     assert dequant_chunk_experts(300) == 3 and dequant_chunk_experts(1000) == 1 and dequant_chunk_experts(2000) == 1
-
-
-@pytest.mark.parametrize("change", [dict(block_m=16), dict(swap_ab=False), dict(int_mma=False)])
-def test_fma_needs_one_row_swap_and_int_mma(change):
-    fma = dict(block_m=1, block_n=64, block_k=128, swap_ab=True, int_mma=True, fma=True)
-    GemmConfig(**fma)
-    with pytest.raises(ValueError, match="fma=True needs"):
-        GemmConfig(**(fma | change))
-
-
-def test_mma_needs_sixteen_rows():
-    with pytest.raises(ValueError, match="block_m >= 16"):
-        GemmConfig(8, 64, 128)

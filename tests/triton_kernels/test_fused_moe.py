@@ -64,9 +64,6 @@ def test_matches_twin(T, H, I, E, k, bits, group_size, sym, dtype, device):
         (GemmConfig(16, 64, 64, swap_ab=True, int_mma=True), GemmConfig(32, 64, 128, split_k=3, swap_ab=True,
                                                                           int_mma=True)),
         (GemmConfig(32, 64, 64, int_mma=True), GemmConfig(16, 32, 128, split_k=2, swap_ab=True)),  # the other two
-        # one row per program on the CUDA cores (decode), with and without split-K
-        (GemmConfig(1, 64, 64, swap_ab=True, int_mma=True, fma=True),
-         GemmConfig(1, 32, 128, split_k=3, swap_ab=True, int_mma=True, fma=True)),
     ],
 )
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (4, PER_CHANNEL)])

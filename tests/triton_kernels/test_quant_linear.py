@@ -26,10 +26,6 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
                                                                                     int_mma=True)),
         ((70,), 64, 256, 4, 64, True, torch.bfloat16, False, GemmConfig(64, 32, 64, int_mma=True)),
         ((6,), 64, 256, 4, 1 << 30, False, torch.float16, False, GemmConfig(16, 64, 64, swap_ab=True)),
-        ((3,), 64, 256, 4, 64, False, torch.bfloat16, True, GemmConfig(1, 32, 128, split_k=2, swap_ab=True,
-                                                                        int_mma=True, fma=True)),
-        ((2,), 48, 200, 8, 1 << 30, True, torch.float16, False, GemmConfig(1, 64, 64, swap_ab=True, int_mma=True,
-                                                                             fma=True)),  # per-channel
     ],
 )
 def test_matches_twin(lead, N, K, bits, group_size, sym, dtype, bias, config, device):
