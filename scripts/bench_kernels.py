@@ -214,18 +214,20 @@ def sweep_candidates(rows, gemm):
         # fit 5, at 80 (a few spilled) 6 with 3 stages
         capped = [dataclasses.replace(c, max_regs=r, num_stages=st) for c in base[:2] for r, st in ((96, 4), (80, 3))]
         base += capped
+        split_too = base[8:10] + capped  # the down GEMM tries these with split-K as well
     elif rows <= 128:
+        split_too = []
         base = [c(64, 128, 64, 4, 4, True), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, True),
                 c(128, 128, 64, 4, 4, True), c(64, 256, 64, 8, 3, True), c(128, 128, 64, 8, 3),
                 c(64, 128, 128, 4, 4, True, True), c(128, 128, 128, 8, 3, True, True), c(32, 128, 128, 4, 4, True, True)]
     else:
+        split_too = []
         base = [c(128, 128, 64, 8, 3, True), c(256, 128, 64, 8, 3, True), c(128, 128, 128, 8, 3, True, True),
                 c(128, 128, 64, 8, 3), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, False, True),
                 c(128, 128, 64, 4, 3, True), c(64, 256, 64, 8, 3, True)]
-    if gemm == "down":  # split-K for the first four and, at few rows, the 32-weight-row tiles
+    if gemm == "down":  # split-K for the first four and, at few rows, the 32-weight-row and capped tiles
         splits = (1, 2, 4, 8) if rows <= 32 else (1, 2)
-        thin = base[8:10] + base[12:] if rows <= 32 else []
-        base = [dataclasses.replace(c, split_k=s) for c in base[:4] + thin for s in splits]
+        base = [dataclasses.replace(c, split_k=s) for c in base[:4] + split_too for s in splits]
     return base
 
 
