@@ -11,7 +11,7 @@ fp32 partial sums with atomics: that keeps HBM busy when there are few output ti
 import triton
 import triton.language as tl
 
-from .packing import half_k_offsets, load_scale_zero, unpack_half, unpack_offset
+from .packing import kernel_words, load_scale_zero, slice_k_offsets, unpack_offset, unpack_slice
 
 EPILOGUE_STORE = 0  # C = acc (+ bias); fp32 atomics when SPLIT_K > 1
 EPILOGUE_SILU_MUL = 1  # W rows interleaved gate/up: C[:, n // 2] = silu(acc[:, n]) * acc[:, n + 1]
@@ -51,11 +51,13 @@ def _qgemm_kernel(
     BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, INT_MMA: tl.constexpr,
+    UNPACK_ASM: tl.constexpr,
 ):
-    # A: [*, K] fp16/bf16   W: packed bytes [E, N, Kp*bits/8]   C: [*, N] (or [*, N/2] for SILU_MUL)
+    # A: [*, K] fp16/bf16   W: packed words [E, N, Kp/4] int16 (int4) or bytes [E, N, Kp] (int8)
+    # C: [*, N] (or [*, N/2] for SILU_MUL)
     # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset
-    # Each K tile is split into byte halves h (int4 nibbles; int8 has one), each an MMA of its own;
-    # unpack_half gives OFFSET + q with elementwise ops only.
+    # Each K tile is split into slices s (int4: nibble s of every word, 16-k runs; int8 has one), each
+    # an MMA of its own; unpack_slice gives OFFSET + q with elementwise ops only (UNPACK_ASM: inline PTX).
     # SWAP_AB (decode) computes acc^T = W . A^T: the weight tile is the wgmma A operand, fed from
     # registers, and the few token rows are its N (>= 16).
     # INT_MMA: the integers go into the MMA as they are, P = (OFFSET + q) . a, and once per group
@@ -63,8 +65,8 @@ def _qgemm_kernel(
     # activations' row sums and the scale is applied in fp32, so a weight costs a mask and an OR.
     # Otherwise each weight is dequantized, W = DT(DT(OFFSET + q - (OFFSET + z)) * DT(s)).
     DT: tl.constexpr = a_ptr.dtype.element_ty
-    HALVES: tl.constexpr = 8 // BITS
-    KB: tl.constexpr = BLOCK_K * BITS // 8  # bytes of a row of the weight tile
+    SLICES: tl.constexpr = 4 if BITS == 4 else 1
+    KW: tl.constexpr = BLOCK_K // SLICES  # words of a row of the weight tile
     PER_CHANNEL: tl.constexpr = GROUP_K == 0
     # A K tile lies in one group (BLOCK_K <= GROUP_K): its scales and zeros are loaded one tile ahead, so their
     # latency hides behind the current tile's MMAs (H100: 1.05-1.35x at 64-4096 rows; decode: int4 +-1%, int8 2-4%)
@@ -94,7 +96,7 @@ def _qgemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     a_rows = a_ptr + (rows // a_div).to(tl.int64)[:, None] * stride_am
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + tl.arange(0, KB)[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + tl.arange(0, KW)[None, :]
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
 
@@ -116,27 +118,29 @@ def _qgemm_kernel(
     asum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
-        raw = tl.load(w_ptrs + k0 * BITS // 8, mask=n_mask[:, None], other=0)  # [BLOCK_N, KB] bytes
+        raw = tl.load(w_ptrs + k0 // SLICES, mask=n_mask[:, None], other=0)  # [BLOCK_N, KW] words
         if TILE_GROUP:
             g_next = min(kt + 1, kt_hi - 1) * BLOCK_K // GROUP_K
             s_next, zo_next = load_scale_zero(s_ptrs + g_next * stride_sg, z_ptrs + g_next * stride_sg, n_mask,
                                               OFFSET)
-        for h in tl.static_range(HALVES):
-            ak = half_k_offsets(k0, BITS, h, BLOCK_K)
+        for sl in tl.static_range(SLICES):
+            ak = slice_k_offsets(k0, BITS, sl, BLOCK_K)
             a = tl.load(a_rows + ak[None, :], mask=row_mask[:, None] & (ak[None, :] < K), other=0.0)
-            w = unpack_half(raw, h, BITS, DT)  # [BLOCK_N, KB]: OFFSET + q
-            # a half lies in one group (block_k_for() sizes BLOCK_K so); INT_MMA closes it at its end.
-            # Tiles of more than one group (int4, groups of 32) load each half's scales here.
+            w = unpack_slice(raw, sl, BITS, DT, UNPACK_ASM)  # [BLOCK_N, KW]: OFFSET + q
+            # a slice lies in one group (block_k_for() sizes BLOCK_K so); INT_MMA closes it at the group's
+            # end. Tiles of two groups (int4, groups of 32: slices 0-1 and 2-3) load each group's scales here.
             if (not PER_CHANNEL) and (not TILE_GROUP):
-                g = (k0 + h * 32) // GROUP_K
-                s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
+                if sl * 16 % GROUP_K == 0:
+                    g = (k0 + sl * 16) // GROUP_K
+                    s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
             if INT_MMA:
                 part = _mma(a, w, part, SWAP_AB)
                 asum += tl.sum(a.to(tl.float32), axis=1)
-                if (not PER_CHANNEL) and ((h == HALVES - 1) or (GROUP_K < BLOCK_K)):
-                    acc += _close_group(part, asum, s, zo, SWAP_AB)
-                    part = tl.zeros_like(part)
-                    asum = tl.zeros_like(asum)
+                if not PER_CHANNEL:
+                    if (sl == SLICES - 1) or ((sl + 1) * 16 % GROUP_K == 0):
+                        acc += _close_group(part, asum, s, zo, SWAP_AB)
+                        part = tl.zeros_like(part)
+                        asum = tl.zeros_like(asum)
             else:
                 w = (w - zo.to(DT)[:, None]) * s.to(DT)[:, None]  # exact difference, one rounding
                 acc = _mma(a, w, acc, SWAP_AB)
@@ -170,11 +174,11 @@ def _qgemm_kernel(
 
 
 def block_k_for(group_size: int, per_channel: bool, bits: int, block_k: int) -> int:
-    """BLOCK_K such that each byte half of a K tile lies in one quantization group.
+    """BLOCK_K such that each slice of a K tile lies in one quantization group.
 
-    An int4 tile is whole 64-k chunks of the layout, whose halves cover 32 of every 64 k: so
-    64 <= BLOCK_K <= group_size, or 64 for groups of 32 (each half is then one group). int8 tiles
-    need BLOCK_K <= group_size.
+    An int4 tile is whole 64-k chunks of the layout, whose slices cover 16 of every 64 k: so
+    64 <= BLOCK_K <= group_size, or 64 for groups of 32 (slices 0-1 and 2-3 are then a group each).
+    int8 tiles need BLOCK_K <= group_size.
     """
     min_k = 64 if bits == 4 else 16
     if per_channel:
@@ -191,14 +195,15 @@ def launch(a, w, c, cfg, *, num_rows, num_m_blocks, epilogue, a_div=1, c_div=1,
     group_k = 0 if w.per_channel else w.group_size
     grid = (num_m_blocks * -(-w.n // cfg.block_n) * cfg.split_k,)  # plain ints: triton.cdiv costs ~10 us on the host
     sorted_ids, block_expert, num_padded = routing if routing is not None else (None, None, None)
+    words = kernel_words(w)
     _qgemm_kernel[grid](
-        a, w.qweight, w.scales, w.zeros, c, bias, topk_weights,
+        a, words, w.scales, w.zeros, c, bias, topk_weights,
         sorted_ids, block_expert, num_padded,
         w.n, w.k, w.k_padded, num_rows, num_m_blocks, a_div, c_div,
-        a.stride(0), w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), w.scales.stride(1),
+        a.stride(0), words.stride(0), words.stride(1), w.scales.stride(0), w.scales.stride(1),
         c.stride(0),
         BITS=w.bits, GROUP_K=group_k, OFFSET=unpack_offset(w.bits, a.dtype), EPILOGUE=epilogue,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-        SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, UNPACK_ASM=a.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=cfg.max_regs,
     )

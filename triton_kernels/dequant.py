@@ -10,10 +10,10 @@ import triton
 import triton.language as tl
 
 from ._qgemm import block_k_for
-from .packing import ACT_DTYPES, PackedExperts, half_k_offsets, load_scale_zero, unpack_half, unpack_offset
+from .packing import ACT_DTYPES, PackedExperts, kernel_words, load_scale_zero, slice_k_offsets, unpack_offset, unpack_slice
 
 BLOCK_N = 64
-BLOCK_K = 128  # lowered by block_k_for so that each byte half of a K tile lies in one group
+BLOCK_K = 128  # lowered by block_k_for so that each slice of a K tile lies in one group
 
 
 @triton.jit
@@ -26,34 +26,35 @@ def _dequant_kernel(
     stride_we, stride_wn, stride_se, stride_sg, stride_oe, stride_on,
     # constexpr
     BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, UNPACK_ASM: tl.constexpr,
 ):
-    # W: packed bytes [E, N, Kp*bits/8]   s, z: [E, Gp, N]   out: [E', N, K], expert first_expert + e
+    # W: packed words [E, N, Kp/4] int16 (int4) or bytes [E, N, Kp] (int8)   s, z: [E, Gp, N]
+    # out: [E', N, K], expert first_expert + e
     # out = DT((q - z) * s), computed in fp32: q - z and its product with an fp16 scale are exact there,
     # so the only rounding is the final cast (bitwise what packing.dequantize(...).to(DT) gives).
     # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    HALVES: tl.constexpr = 8 // BITS
-    KB: tl.constexpr = BLOCK_K * BITS // 8  # bytes of a row of the weight tile
+    SLICES: tl.constexpr = 4 if BITS == 4 else 1
+    KW: tl.constexpr = BLOCK_K // SLICES  # words of a row of the weight tile
     e = tl.program_id(0)
     expert = (first_expert + e).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k0 = tl.program_id(2) * BLOCK_K
-    # K is padded to a multiple of every BLOCK_K in packed storage: the byte tile never needs a K mask
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + k0 * BITS // 8 + tl.arange(0, KB)[None, :]
-    raw = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, KB]
+    # K is padded to a multiple of every BLOCK_K in packed storage: the word tile never needs a K mask
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + k0 // SLICES + tl.arange(0, KW)[None, :]
+    raw = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, KW]
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
     if GROUP_K == 0:
         s, zo = load_scale_zero(s_ptrs, z_ptrs, n_mask, OFFSET)
     out_rows = out_ptr + e.to(tl.int64) * stride_oe + offs_n[:, None] * stride_on
-    for h in tl.static_range(HALVES):
+    for sl in tl.static_range(SLICES):
         if GROUP_K != 0:
-            g = (k0 + h * 32) // GROUP_K
+            g = (k0 + sl * 16) // GROUP_K
             s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
-        w = (unpack_half(raw, h, BITS, DT).to(tl.float32) - zo[:, None]) * s[:, None]
-        ks = half_k_offsets(k0, BITS, h, BLOCK_K)
+        w = (unpack_slice(raw, sl, BITS, DT, UNPACK_ASM).to(tl.float32) - zo[:, None]) * s[:, None]
+        ks = slice_k_offsets(k0, BITS, sl, BLOCK_K)
         tl.store(out_rows + ks[None, :], w.to(DT), mask=n_mask[:, None] & (ks[None, :] < K))
 
 
@@ -88,12 +89,13 @@ def dequantize_packed(packed: PackedExperts, dtype: torch.dtype, experts: slice 
         return out
     block_k = block_k_for(packed.group_size, packed.per_channel, packed.bits, BLOCK_K)
     grid = (len(r), -(-packed.n // BLOCK_N), -(-packed.k // block_k))
+    words = kernel_words(packed)
     _dequant_kernel[grid](
-        packed.qweight, packed.scales, packed.zeros, out,
+        words, packed.scales, packed.zeros, out,
         packed.n, packed.k, r.start,
-        packed.qweight.stride(0), packed.qweight.stride(1), packed.scales.stride(0), packed.scales.stride(1),
+        words.stride(0), words.stride(1), packed.scales.stride(0), packed.scales.stride(1),
         out.stride(0), out.stride(1),
         BITS=packed.bits, GROUP_K=0 if packed.per_channel else packed.group_size,
-        OFFSET=unpack_offset(packed.bits, dtype), BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        OFFSET=unpack_offset(packed.bits, dtype), BLOCK_N=BLOCK_N, BLOCK_K=block_k, UNPACK_ASM=out.is_cuda,
     )
     return out

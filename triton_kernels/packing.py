@@ -8,16 +8,19 @@ Input (moeq's quantizer output, per expert weight):
 
 Packed layout (`PackedExperts`), built once at load time, never per call:
     qweight uint8   [E, N, Kp * bits / 8]  K-contiguous bytes. int8: byte k holds k. int4: in each
-                                           chunk of 64 k, byte j (j < 32) holds k = j in its low
-                                           nibble and k = j + 32 in its high nibble.
+                                           chunk of 64 k, the little-endian 16-bit word j (j < 16)
+                                           holds k = j + 16 s in its bits 4s..4s+3 (s = 0..3), so
+                                           byte 2j holds k = j, j + 16 and byte 2j + 1 k = j + 32, j + 48.
     scales  float16 [E, Gp, N]             N-contiguous: a tile's scales are one coalesced row
     zeros   uint8   [E, Gp, N]
-Why this int4 order: the GEMM splits a tile of bytes into its low and its high nibbles with
-elementwise integer ops only (mask, shift, OR with the exponent of a float: no reshapes), and each
-half is a plain [rows, 32-k chunks] operand of its own dot. Because the dequantization is
-elementwise, Triton stages the packed bytes in shared memory and unpacks them in registers, in the
-layout of the MMA operand; a reshape or join would instead send the 4x larger bf16 tile through
-shared memory, which measured as the bottleneck (L1 at 84%, DRAM at 22%) on an H100.
+Why this int4 order: the GEMM reads a K tile as 16-bit words and takes it apart into four slices, slice s
+being nibble s of every word, with elementwise integer ops only (shift, mask, OR with the exponent of a
+float: no reshapes); each slice is a plain [rows, 16-k runs] operand of its own dot, whose activations
+are contiguous runs of 16 k. Because the dequantization is elementwise, Triton stages the packed words in
+shared memory and unpacks them in registers, in the layout of the MMA operand; a reshape or join would
+instead send the 4x larger bf16 tile through shared memory, which measured as the bottleneck (L1 at 84%,
+DRAM at 22%) on an H100. A register of the MMA operand holds two neighbouring words, so on the GPU one
+32-bit shift and one LOP3 give two weights (`unpack_slice`); a byte layout needed twice the instructions.
 K is padded to Kp, a multiple of K_ALIGN, with q = zeros = scales = 0, so padded weights are exactly
 zero and the kernels never mask weight loads along K (only the activations, which stop at K).
 With `gate_up=True` the rows of a fused w13 [E, 2I, H] (gate rows 0..I-1, up rows I..2I-1) are
@@ -116,9 +119,10 @@ def pack_experts(q, scales, zeros, bits: int, group_size: int, *, gate_up: bool 
         qc = _interleave_rows(qc) if gate_up else qc
         qp = torch.zeros(qc.shape[0], N, Kp, dtype=torch.uint8, device=q.device)
         qp[:, :, :K] = qc
-        if bits == 4:  # [.., chunk, half, j] -> low nibble from half 0, high nibble from half 1
-            halves = qp.reshape(qc.shape[0], N, Kp // 64, 2, 32)
-            qp = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).reshape(qc.shape[0], N, Kp // 2)
+        if bits == 4:  # [.., chunk, slice s, j] -> byte 2j from slices 0 and 1, byte 2j + 1 from 2 and 3
+            sl = qp.reshape(qc.shape[0], N, Kp // 64, 4, 16)
+            pairs = (sl[:, :, :, 0::2] | (sl[:, :, :, 1::2] << 4))  # [.., chunk, byte of the word, j]
+            qp = pairs.transpose(-1, -2).reshape(qc.shape[0], N, Kp // 2)
         qweight[e0 : e0 + step] = qp
     Gp = 1 if G == 1 else -(-Kp // group_size)
     sp = torch.zeros(E, Gp, N, dtype=torch.float16, device=q.device)
@@ -138,8 +142,9 @@ def _unpack_slots(packed: PackedExperts) -> torch.Tensor:
     qw = packed.qweight
     if packed.bits == 4:
         E, N, B = qw.shape
-        halves = torch.stack((qw & 15, qw >> 4), dim=-2)  # [E, N, B] -> [E, N, 2, B]
-        qw = halves.reshape(E, N, 2, B // 32, 32).transpose(2, 3).reshape(E, N, 2 * B)
+        pairs = qw.reshape(E, N, B // 32, 16, 2).transpose(-1, -2)  # [.., chunk, byte of the word, j]
+        sl = torch.stack((pairs & 15, pairs >> 4), dim=-2)  # [.., chunk, byte, nibble, j]: slice 2 byte + nibble
+        qw = sl.reshape(E, N, 2 * B)
     return qw[:, :, : packed.k]
 
 
@@ -160,40 +165,62 @@ def dequantize(packed: PackedExperts) -> torch.Tensor:
 
 
 def unpack_offset(bits: int, dtype: torch.dtype) -> float:
-    """The constant `unpack_half` adds to every integer: 128 (bf16) / 1024 (fp16) for int4, 0 for int8."""
+    """The constant `unpack_slice` adds to every integer: 128 (bf16) / 1024 (fp16) for int4, 0 for int8."""
     if bits == 8:
         return 0.0
     return 128.0 if dtype == torch.bfloat16 else 1024.0
 
 
-@triton.jit
-def unpack_half(raw, HALF: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
-    """Elementwise on a tile of packed bytes: OFFSET + q of nibble HALF (int4) or q (int8), as DT, exact.
+def kernel_words(packed: PackedExperts) -> torch.Tensor:
+    """qweight as the GEMM kernels read it: int16 words [E, N, Kp / 4] for int4, the bytes for int8."""
+    return packed.qweight.view(torch.int16) if packed.bits == 4 else packed.qweight
 
-    int4 puts q in the mantissa of 128.0 (bf16, 7 mantissa bits) or 1024.0 (fp16): one OR gives the
-    float OFFSET + q with no conversion instruction; the GEMM removes OFFSET together with the zero
-    point (see _qgemm). Every op here is elementwise so that Triton keeps the bytes, not the floats,
-    in shared memory.
+
+# unpack_slice's PTX: $1 holds two neighbouring words, $2 the exponent bits of OFFSET twice; $0 gets the
+# two weights of slice s (nibble s of each word) as floats OFFSET + q
+_SLICE_ASM_0 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, $2, 0xea;")
+_SLICE_ASM_1 = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, $2, 0xea; }")
+_SLICE_ASM_2 = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, $2, 0xea; }")
+_SLICE_ASM_3 = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, $2, 0xea; }")
+
+
+@triton.jit
+def unpack_slice(raw, S: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Elementwise on a tile of packed words (int4) or bytes (int8): OFFSET + q of slice S, as DT, exact.
+
+    int4 puts q in the mantissa of 128.0 (bf16, 7 mantissa bits) or 1024.0 (fp16): a mask and an OR give
+    the float OFFSET + q with no conversion instruction; the GEMM removes OFFSET together with the zero
+    point (see _qgemm). Every op here is elementwise so that Triton keeps the words, not the floats, in
+    shared memory. ASM (GPU only; the interpreter has no inline PTX) unpacks two words per 32-bit op,
+    which the compiler does not do for 16-bit integers on its own (it splits and re-packs each pair).
     """
     if BITS == 8:
         return raw.to(DT)
     else:
-        q = (raw.to(tl.int16) >> (4 * HALF)) & 15
-        if DT == tl.bfloat16:
-            return (q | 0x4300).to(tl.bfloat16, bitcast=True)
+        exponent: tl.constexpr = 0x4300 if DT == tl.bfloat16 else 0x6400
+        if ASM:
+            e = tl.full(raw.shape, exponent, tl.int16)
+            if S == 0:
+                w = tl.inline_asm_elementwise(_SLICE_ASM_0, "=r,r,r", [raw, e], dtype=tl.int16, is_pure=True, pack=2)
+            elif S == 1:
+                w = tl.inline_asm_elementwise(_SLICE_ASM_1, "=r,r,r", [raw, e], dtype=tl.int16, is_pure=True, pack=2)
+            elif S == 2:
+                w = tl.inline_asm_elementwise(_SLICE_ASM_2, "=r,r,r", [raw, e], dtype=tl.int16, is_pure=True, pack=2)
+            else:
+                w = tl.inline_asm_elementwise(_SLICE_ASM_3, "=r,r,r", [raw, e], dtype=tl.int16, is_pure=True, pack=2)
         else:
-            return (q | 0x6400).to(tl.float16, bitcast=True)
+            w = ((raw >> (4 * S)) & 15) | exponent
+        return w.to(DT, bitcast=True)
 
 
 @triton.jit
-def half_k_offsets(k0, BITS: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr):
-    """k of each column of byte tile half HALF: [BLOCK_K * bits / 8] (see the layout above)."""
-    KB: tl.constexpr = BLOCK_K * BITS // 8
-    r = tl.arange(0, KB)
+def slice_k_offsets(k0, BITS: tl.constexpr, S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """k of each column of slice S of the K tile from k0: [BLOCK_K // 4] (int4) or [BLOCK_K] (int8)."""
     if BITS == 8:
-        return k0 + r
+        return k0 + tl.arange(0, BLOCK_K)
     else:
-        return k0 + (r // 32) * 64 + HALF * 32 + r % 32
+        c = tl.arange(0, BLOCK_K // 4)
+        return k0 + (c // 16) * 64 + S * 16 + c % 16
 
 
 @triton.jit

@@ -5,7 +5,8 @@ import triton.language as tl
 from _quant import dequant_reference, random_quantized
 
 from triton_kernels.packing import (
-    K_ALIGN, dequantize, half_k_offsets, pack_experts, pack_linear, unpack_half, unpack_offset, unpack_q,
+    K_ALIGN, dequantize, kernel_words, pack_experts, pack_linear, slice_k_offsets, unpack_offset, unpack_q,
+    unpack_slice,
 )
 
 
@@ -34,16 +35,18 @@ def test_gate_up_rows_interleaved():
 
 
 def test_nibble_order():
-    # int4: in each chunk of 64 k, byte j holds k = j (low nibble) and k = j + 32 (high nibble)
-    q = (torch.arange(64, dtype=torch.uint8) % 16).reshape(1, 1, 64)
-    s = torch.ones(1, 1, 1, dtype=torch.float16)
-    p = pack_experts(q, s, torch.zeros(1, 1, 1, dtype=torch.uint8), 4, 64)
-    row = p.qweight[0, 0]
-    assert row[0].item() == 0x00 and row[1].item() == 0x11 and row[31].item() == 0xFF
-    assert torch.all(row[32:] == 0)  # K padding holds zeros
-    q[0, 0, 32:] = 0
-    p = pack_experts(q, s, torch.zeros(1, 1, 1, dtype=torch.uint8), 4, 64)
-    assert p.qweight[0, 0, 5].item() == 5  # high nibble (k = 37) now 0
+    # int4: in each chunk of 64 k, byte 2j holds k = j (low nibble) and j + 16 (high), byte 2j + 1 holds
+    # k = j + 32 and j + 48; K padding holds zeros
+    q, s, z = random_quantized(1, 3, 100, 4, 64, sym=True)
+    b = pack_experts(q, s, z, 4, 64).qweight[0].long()  # [3, 128]: K padded to 256
+    q = torch.nn.functional.pad(q[0].long(), (0, 28))  # [3, 128]
+    for chunk in range(2):
+        for j in range(16):
+            k = chunk * 64 + j
+            lo, hi = b[:, chunk * 32 + 2 * j], b[:, chunk * 32 + 2 * j + 1]
+            assert torch.equal(lo & 15, q[:, k]) and torch.equal(lo >> 4, q[:, k + 16])
+            assert torch.equal(hi & 15, q[:, k + 32]) and torch.equal(hi >> 4, q[:, k + 48])
+    assert torch.all(b[:, 64:] == 0)
 
 
 def test_pack_linear_is_one_expert():
@@ -71,30 +74,29 @@ def test_pack_rejects_bad_input(change, match):
 
 
 @triton.jit
-def _read_tile(w_ptr, out_ptr, stride_wn, BITS: tl.constexpr, BLOCK_K: tl.constexpr, N: tl.constexpr):
-    # out[n, k] = q[n, k] for k < BLOCK_K, read the way the GEMM reads a K tile (two halves for int4)
-    KB: tl.constexpr = BLOCK_K * BITS // 8
+def _read_tile(w_ptr, out_ptr, stride_wn, offset, BITS: tl.constexpr, BLOCK_K: tl.constexpr, N: tl.constexpr,
+               DT: tl.constexpr, ASM: tl.constexpr):
+    # out[n, k] = q[n, k] for k < BLOCK_K, read the way the GEMM reads a K tile (four slices for int4)
+    SLICES: tl.constexpr = 4 if BITS == 4 else 1
     n = tl.arange(0, N)
-    raw = tl.load(w_ptr + n[:, None] * stride_wn + tl.arange(0, KB)[None, :])
-    for h in tl.static_range(8 // BITS):
-        q = (unpack_half(raw, h, BITS, tl.float16) - unpack_offset_fp16(BITS)).to(tl.int32)
-        tl.store(out_ptr + n[:, None] * BLOCK_K + half_k_offsets(0, BITS, h, BLOCK_K)[None, :], q)
+    raw = tl.load(w_ptr + n[:, None] * stride_wn + tl.arange(0, BLOCK_K // SLICES)[None, :])
+    for sl in tl.static_range(SLICES):
+        q = (unpack_slice(raw, sl, BITS, DT, ASM).to(tl.float32) - offset).to(tl.int32)
+        tl.store(out_ptr + n[:, None] * BLOCK_K + slice_k_offsets(0, BITS, sl, BLOCK_K)[None, :], q)
 
 
-@triton.jit
-def unpack_offset_fp16(BITS: tl.constexpr):
-    if BITS == 8:
-        return 0.0
-    else:
-        return 1024.0
-
-
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_kernel_reader_matches_unpack(bits, device):
-    # the device-side reader (unpack_half, half_k_offsets) recovers every stored integer exactly
+def test_kernel_reader_matches_unpack(bits, dtype, device):
+    # the device-side reader (kernel_words, unpack_slice, slice_k_offsets) recovers every stored integer
+    # exactly, with the inline PTX on the GPU and the plain integer ops everywhere
     q, s, z = random_quantized(1, 16, 128, bits, 64, sym=False, device=device)
     p = pack_experts(q, s, z, bits, 64)
-    assert unpack_offset(bits, torch.float16) == (0.0 if bits == 8 else 1024.0)
-    out = torch.empty(16, 128, dtype=torch.int32, device=device)
-    _read_tile[(1,)](p.qweight[0], out, p.qweight.stride(1), BITS=bits, BLOCK_K=128, N=16)
-    assert torch.equal(out.to(torch.uint8), q[0])
+    words = kernel_words(p)
+    assert words.dtype == (torch.int16 if bits == 4 else torch.uint8)
+    dt = tl.float16 if dtype == torch.float16 else tl.bfloat16
+    for asm in (False, True) if device == "cuda" else (False,):
+        out = torch.empty(16, 128, dtype=torch.int32, device=device)
+        _read_tile[(1,)](words[0], out, words.stride(1), unpack_offset(bits, dtype), BITS=bits, BLOCK_K=128, N=16,
+                         DT=dt, ASM=asm)
+        assert torch.equal(out.to(torch.uint8), q[0]), f"asm={asm}"
