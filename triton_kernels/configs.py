@@ -30,22 +30,23 @@ def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None):
 
 
 # From `scripts/bench_kernels.py --sweep` on an H100 (int4); benchmarks/kernels.md has the numbers behind them.
-# Entries for 256-4096 tokens re-swept after the scale prefetch (session 5, run 21 of kernels_v2_h100.txt); for
-# 1-64 tokens in session 6 (run 26), where 128-row weight tiles overtook the 64-row ones and a register cap
-# (max_regs 80: 6 programs per SM instead of 4) won Qwen3's down GEMM.
+# Entries for 256-4096 tokens swept after the scale prefetch (session 5, run 21 of kernels_v2_h100.txt), before
+# session 7's four-slice int4 layout, under which their 64-k tiles issue MMAs of 16 k and run slower (run 28:
+# Mixtral 4096 tokens 7357 -> 9398 us): they await a re-sweep. Entries for 1-64 tokens swept on the slice layout
+# (session 7, run 28): 128-row weight tiles, with register caps (max_regs) where they won.
 TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
     ('NVIDIA H100 80GB HBM3', 8, 28672, 4096, 4): {  # Mixtral-8x7B gate/up
-        1: _c(16, 64, 128, swap=True, int_mma=True),
-        16: _c(16, 128, 128, s=3, swap=True, int_mma=True),
-        64: _c(16, 128, 128, s=3, swap=True, int_mma=True),
+        1: _c(16, 128, 128, s=3, swap=True, int_mma=True),
+        16: _c(16, 64, 128, s=3, swap=True, int_mma=True, regs=80),
+        64: _c(16, 128, 128, swap=True, int_mma=True),
         256: _c(64, 128, 64, swap=True),
         1024: _c(128, 128, 64, s=3, swap=True),
         4096: _c(256, 128, 64, w=8, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 8, 4096, 14336, 4): {  # Mixtral-8x7B down
         1: _c(16, 128, 128, sk=4, swap=True, int_mma=True),
-        16: _c(16, 128, 128, sk=4, swap=True),
-        64: _c(16, 128, 128, sk=4, swap=True),
+        16: _c(16, 128, 128, sk=8, swap=True, int_mma=True),
+        64: _c(16, 128, 128, sk=8, swap=True, int_mma=True),
         256: _c(64, 128, 64, sk=2, swap=True),
         1024: _c(256, 128, 64, sk=2, w=8, s=3, swap=True),
         4096: _c(256, 128, 64, sk=2, w=8, s=3, swap=True),
@@ -59,9 +60,9 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
         4096: _c(128, 128, 64, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 128, 2048, 768, 4): {  # Qwen3-30B-A3B down
-        1: _c(16, 128, 128, sk=2, swap=True, int_mma=True),
-        16: _c(16, 64, 128, s=3, swap=True, int_mma=True, regs=80),
-        64: _c(16, 64, 128, s=3, swap=True, int_mma=True, regs=80),
+        1: _c(16, 64, 128, sk=2, s=3, swap=True, int_mma=True, regs=80),
+        16: _c(16, 128, 128, sk=2, swap=True, int_mma=True, regs=96),
+        64: _c(16, 128, 128, swap=True, int_mma=True, regs=96),
         256: _c(16, 128, 128, swap=True),
         1024: _c(128, 128, 64, swap=True),
         4096: _c(256, 128, 64, w=8, s=3, swap=True),
@@ -69,15 +70,15 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
     ('NVIDIA H100 80GB HBM3', 256, 4096, 7168, 4): {  # DeepSeek-V3 gate/up
         1: _c(16, 128, 128, swap=True, int_mma=True),
         16: _c(16, 128, 128, swap=True, int_mma=True),
-        64: _c(16, 128, 128, swap=True, int_mma=True),
+        64: _c(16, 256, 128, w=8, swap=True, int_mma=True),
         256: _c(16, 128, 128, swap=True, int_mma=True),
         1024: _c(32, 128, 128, s=3, swap=True, int_mma=True),
         4096: _c(128, 128, 64, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 256, 7168, 2048, 4): {  # DeepSeek-V3 down
-        1: _c(16, 128, 128, sk=2, swap=True, int_mma=True),
-        16: _c(16, 128, 128, swap=True),
-        64: _c(16, 128, 128, swap=True),
+        1: _c(16, 128, 128, sk=8, swap=True, int_mma=True, regs=96),
+        16: _c(16, 128, 128, sk=2, swap=True, int_mma=True),
+        64: _c(16, 128, 128, sk=2, swap=True),
         256: _c(16, 128, 128, swap=True),
         1024: _c(32, 128, 128, swap=True),
         4096: _c(128, 128, 64, swap=True),
@@ -126,8 +127,8 @@ def default_config(E: int, N: int, K: int, bits: int, num_tokens: int, top_k: in
     rows = pairs / hit  # average rows per hit expert
     # Few rows: the weights are the register operand of the MMA (swap_ab), the tokens its N, and the
     # MMA runs on the raw integers (int_mma). Many: up to 256 tokens share each dequantized weight tile.
-    if rows <= 16:
-        cfg = _c(16, 64, 128, swap=True, int_mma=True)
+    if rows <= 16:  # 128 weight rows: the decode winner of all three tuned blocks since session 7's slices
+        cfg = _c(16, 128, 128, swap=True, int_mma=True)
     elif rows <= 32:
         cfg = _c(32, 64, 128, swap=True, int_mma=True)
     elif rows <= 64:
