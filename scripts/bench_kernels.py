@@ -35,7 +35,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triton_kernels import _qgemm  # noqa: E402
-from triton_kernels.configs import GemmConfig, dequant_chunk_experts, get_config  # noqa: E402
+from triton_kernels.configs import TUNED, GemmConfig, dequant_chunk_experts, get_config  # noqa: E402
 from triton_kernels.dequant import dequantize_packed  # noqa: E402
 from triton_kernels.fused_moe import device_info, fused_moe, fused_moe_torch  # noqa: E402
 from triton_kernels.moe_routing import max_blocks, moe_align_block_size  # noqa: E402
@@ -199,7 +199,8 @@ def cfg_str(c):
 
 def sweep_candidates(rows, gemm):
     """Configs to time for one GEMM at this many rows per expert; for the down GEMM the first four
-    (and at <= 32 rows the two 32-weight-row tiles and the register-capped tiles) are tried with split-K.
+    (and at <= 32 rows the two 32-weight-row tiles and the register-capped tiles, at more rows the 128-k
+    tiles of dequantized weights) are tried with split-K.
     swap: weights as the register MMA operand; int: integer MMA; r: register cap (more programs per SM)."""
     def c(bm, bn, bk, w, st, swap=False, int_mma=False):
         return GemmConfig(bm, bn, bk, 1, 8, w, st, swap, int_mma)
@@ -216,15 +217,21 @@ def sweep_candidates(rows, gemm):
         base += capped
         split_too = base[8:10] + capped  # the down GEMM tries these with split-K as well
     elif rows <= 128:
-        split_too = []
+        # the 128-k tiles of dequantized weights are tried with split-K too: an int4 K tile is four MMAs of
+        # a quarter of BLOCK_K each (see packing), so 64-k tiles issue MMAs of only 16 k
+        k128 = [c(64, 128, 128, 4, 4, True), c(128, 128, 128, 8, 3, True)]
+        split_too = k128
         base = [c(64, 128, 64, 4, 4, True), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, True),
                 c(128, 128, 64, 4, 4, True), c(64, 256, 64, 8, 3, True), c(128, 128, 64, 8, 3),
-                c(64, 128, 128, 4, 4, True, True), c(128, 128, 128, 8, 3, True, True), c(32, 128, 128, 4, 4, True, True)]
+                c(64, 128, 128, 4, 4, True, True), c(128, 128, 128, 8, 3, True, True), c(32, 128, 128, 4, 4, True, True),
+                *k128]
     else:
-        split_too = []
+        k128 = [c(256, 128, 128, 8, 3, True), c(256, 128, 128, 8, 2, True), c(128, 128, 128, 8, 3, True),
+                c(128, 128, 128, 4, 3, True)]
+        split_too = k128
         base = [c(128, 128, 64, 8, 3, True), c(256, 128, 64, 8, 3, True), c(128, 128, 128, 8, 3, True, True),
                 c(128, 128, 64, 8, 3), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, False, True),
-                c(128, 128, 64, 4, 3, True), c(64, 256, 64, 8, 3, True)]
+                c(128, 128, 64, 4, 3, True), c(64, 256, 64, 8, 3, True), *k128]
     if gemm == "down":  # split-K for the first four and, at few rows, the 32-weight-row and capped tiles
         splits = (1, 2, 4, 8) if rows <= 32 else (1, 2)
         base = [dataclasses.replace(c, split_k=s) for c in base[:4] + split_too for s in splits]
@@ -361,6 +368,8 @@ def main():
                     help="fused_moe / quant_linear paths to time: the Triton GEMMs, dequantize + vendor GEMM")
     ap.add_argument("--log", type=Path, help="write the printed lines here too")
     ap.add_argument("--sweep-log", type=Path, help="write every sweep timing here")
+    ap.add_argument("--configs-of", metavar="DEVICE_NAME",
+                    help="use the TUNED entries of this device name (e.g. an H200 running the H100's)")
     args = ap.parse_args()
     global LOG_PATH, ALL_PATH
     LOG_PATH = args.log
@@ -368,8 +377,12 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     t0 = time.time()
     name, sms = device_info(torch.device("cuda"))
+    if args.configs_of:
+        TUNED.update({(name, *key[1:]): table for key, table in list(TUNED.items()) if key[0] == args.configs_of})
+        get_config.cache_clear()
     out(f"device: {name}, {sms} SMs; torch {torch.__version__}, triton {triton.__version__}; "
-        f"group_size {GROUP_SIZE}, symmetric; bf16 activations")
+        f"group_size {GROUP_SIZE}, symmetric; bf16 activations"
+        + (f"; TUNED entries of {args.configs_of}" if args.configs_of else ""))
     best = {}  # (shape, T, bits) -> {"gate_up": cfg, "down": cfg}; used by the MoE table when --sweep ran
     best_dense = {}  # (N, K, M, bits) -> cfg; used by the dense table when --sweep --dense ran
     if args.sweep:
