@@ -3,11 +3,12 @@
     python3 scripts/sass_report.py [--gemm gate_up|down] [--bits 4|8] [CONFIG ...]
 
 CONFIG is written the way scripts/bench_kernels.py prints one, e.g. "16x128x128 s1 w4 st3 swap int"
-(BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages, then any of swap / int / rN for a register cap). For each it prints the registers per thread, bytes of local memory
-(spills), the programs per SM the registers allow on an H100, and the instruction count and mix of
-the K loop's body (the SASS between the longest backward branch and its target). Triton's bundled
-ptxas, cuobjdump and nvdisasm do the work; the pointers, strides, N and K get the divisibility by 16
-that Triton gives them at launch, without which the loads are not pipelined.
+(BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages, then any of swap / int / rN for a register cap). For
+each it prints the registers per thread, bytes of local memory (spills), the programs per SM the
+registers allow on an H100, and the instruction count and mix of the K loop's body (the SASS between
+the longest backward branch and its target). Triton's bundled ptxas, cuobjdump and nvdisasm do the
+work; the pointers, strides, N and K get the divisibility by 16 that Triton gives them at launch,
+without which the loads are not pipelined.
 """
 
 import argparse

@@ -204,6 +204,6 @@ def launch(a, w, c, cfg, *, num_rows, num_m_blocks, epilogue, a_div=1, c_div=1,
         c.stride(0),
         BITS=w.bits, GROUP_K=group_k, OFFSET=unpack_offset(w.bits, a.dtype), EPILOGUE=epilogue,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-        SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, UNPACK_ASM=a.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        maxnreg=cfg.max_regs,
+        SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, UNPACK_ASM=a.is_cuda, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, maxnreg=cfg.max_regs,
     )

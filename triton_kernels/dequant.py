@@ -10,7 +10,9 @@ import triton
 import triton.language as tl
 
 from ._qgemm import block_k_for
-from .packing import ACT_DTYPES, PackedExperts, kernel_words, load_scale_zero, slice_k_offsets, unpack_offset, unpack_slice
+from .packing import (
+    ACT_DTYPES, PackedExperts, kernel_words, load_scale_zero, slice_k_offsets, unpack_offset, unpack_slice,
+)
 
 BLOCK_N = 64
 BLOCK_K = 128  # lowered by block_k_for so that each slice of a K tile lies in one group
