@@ -53,8 +53,9 @@ def _dequant_kernel(
     out_rows = out_ptr + e.to(tl.int64) * stride_oe + offs_n[:, None] * stride_on
     for sl in tl.static_range(SLICES):
         if GROUP_K != 0:
-            g = (k0 + sl * 16) // GROUP_K
-            s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
+            if sl * 16 % GROUP_K == 0:  # the slices of one group share its scales (groups of 32: slices 0-1, 2-3)
+                g = (k0 + sl * 16) // GROUP_K
+                s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
         w = (unpack_slice(raw, sl, BITS, DT, UNPACK_ASM).to(tl.float32) - zo[:, None]) * s[:, None]
         ks = slice_k_offsets(k0, BITS, sl, BLOCK_K)
         tl.store(out_rows + ks[None, :], w.to(DT), mask=n_mask[:, None] & (ks[None, :] < K))
