@@ -193,17 +193,21 @@ def run_shape(name, tokens, bits_list, paths, gen, baseline_cache, best):
 
 
 def cfg_str(c):
-    mode = (" swap" if c.swap_ab else "") + (" int" if c.int_mma else "") + (f" r{c.max_regs}" if c.max_regs else "")
+    mode = (" swap" if c.swap_ab else "") + (" int" if c.int_mma else "") + (f" r{c.max_regs}" if c.max_regs else "") \
+        + (f" u{c.k_unroll}" if c.k_unroll > 1 else "") + (" sub" if c.sub_zero else "") \
+        + (" join" if c.join_slices else "")
     return f"{c.block_m}x{c.block_n}x{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}{mode}"
 
 
 def sweep_candidates(rows, gemm):
     """Configs to time for one GEMM at this many rows per expert; for the down GEMM the first four
-    (and at <= 32 rows the two 32-weight-row tiles and the register-capped tiles, at more rows the 128-k
-    tiles of dequantized weights) are tried with split-K.
-    swap: weights as the register MMA operand; int: integer MMA; r: register cap (more programs per SM)."""
-    def c(bm, bn, bk, w, st, swap=False, int_mma=False):
-        return GemmConfig(bm, bn, bk, 1, 8, w, st, swap, int_mma)
+    (and at <= 32 rows the two 32-weight-row tiles, the register-capped, unrolled and q - z tiles, at more
+    rows the 128-k tiles of dequantized weights and the first two joined ones) are tried with split-K.
+    swap: weights as the register MMA operand; int: integer MMA; r: register cap (more programs per SM);
+    u: K tiles per loop iteration; sub: integer MMA on q - z; join: one MMA per K tile on the joined int4
+    slices."""
+    def c(bm, bn, bk, w, st, swap=False, int_mma=False, join=False):
+        return GemmConfig(bm, bn, bk, 1, 8, w, st, swap, int_mma, join_slices=join)
     if rows <= 32:
         bm = 16 if rows <= 16 else 32
         base = [c(bm, 128, 128, 4, 4, True, True), c(bm, 64, 128, 4, 4, True, True), c(bm, 128, 128, 4, 4, True),
@@ -214,24 +218,36 @@ def sweep_candidates(rows, gemm):
         # 16-row tiles take ~120 registers (4 programs per SM on an H100); capped at 96 (no spills) they
         # fit 5, at 80 (a few spilled) 6 with 3 stages
         capped = [dataclasses.replace(c, max_regs=r, num_stages=st) for c in base[:2] for r, st in ((96, 4), (80, 3))]
-        base += capped
-        split_too = base[8:10] + capped  # the down GEMM tries these with split-K as well
+        # two K tiles an iteration: their loads issue together (the unrolled 128-row tile takes 142
+        # registers uncapped, 3 programs per SM; capped at 128, 4)
+        unrolled = [dataclasses.replace(base[0], k_unroll=2, num_stages=st, max_regs=r)
+                    for st, r in ((4, None), (3, None), (3, 128))]
+        # integer MMA on q - z: no per-group activation sums (2 fewer barriers per K tile in the SASS)
+        subbed = [dataclasses.replace(base[i], sub_zero=True) for i in (0, 5, 1)]
+        base += capped + unrolled + subbed
+        split_too = base[8:10] + capped + unrolled + subbed  # the down GEMM tries these with split-K as well
     elif rows <= 128:
         # the 128-k tiles of dequantized weights are tried with split-K too: an int4 K tile is four MMAs of
         # a quarter of BLOCK_K each (see packing), so 64-k tiles issue MMAs of only 16 k
         k128 = [c(64, 128, 128, 4, 4, True), c(128, 128, 128, 8, 3, True)]
-        split_too = k128
+        # joined slices: the dequantized tile is the shared-memory MMA operand (no swap), one wgmma wait per
+        # K tile (sm_90 SASS, scripts/sass_report.py: 1 instead of 4 for 128x128x64)
+        joined = [c(64, 128, 64, 4, 4, join=True), c(128, 128, 64, 8, 3, join=True), c(64, 256, 64, 8, 3, join=True)]
+        split_too = k128 + joined[:2]
         base = [c(64, 128, 64, 4, 4, True), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, True),
                 c(128, 128, 64, 4, 4, True), c(64, 256, 64, 8, 3, True), c(128, 128, 64, 8, 3),
                 c(64, 128, 128, 4, 4, True, True), c(128, 128, 128, 8, 3, True, True),
-                c(32, 128, 128, 4, 4, True, True), *k128]
+                c(32, 128, 128, 4, 4, True, True), *k128, *joined]
     else:
         k128 = [c(256, 128, 128, 8, 3, True), c(256, 128, 128, 8, 2, True), c(128, 128, 128, 8, 3, True),
                 c(128, 128, 128, 4, 3, True)]
-        split_too = k128
+        joined = [c(256, 128, 64, 8, 3, join=True), c(128, 128, 64, 8, 3, join=True),
+                  c(256, 128, 64, 8, 4, join=True), c(128, 256, 64, 8, 3, join=True),
+                  c(128, 128, 128, 8, 3, join=True), c(256, 128, 128, 8, 2, join=True)]
+        split_too = k128 + joined[:2]
         base = [c(128, 128, 64, 8, 3, True), c(256, 128, 64, 8, 3, True), c(128, 128, 128, 8, 3, True, True),
                 c(128, 128, 64, 8, 3), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, False, True),
-                c(128, 128, 64, 4, 3, True), c(64, 256, 64, 8, 3, True), *k128]
+                c(128, 128, 64, 4, 3, True), c(64, 256, 64, 8, 3, True), *k128, *joined]
     if gemm == "down":  # split-K for the first four and, at few rows, the 32-weight-row and capped tiles
         splits = (1, 2, 4, 8) if rows <= 32 else (1, 2)
         base = [dataclasses.replace(c, split_k=s) for c in base[:4] + split_too for s in splits]

@@ -3,12 +3,13 @@
     python3 scripts/sass_report.py [--gemm gate_up|down] [--bits 4|8] [CONFIG ...]
 
 CONFIG is written the way scripts/bench_kernels.py prints one, e.g. "16x128x128 s1 w4 st3 swap int"
-(BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages, then any of swap / int / rN for a register cap). For
-each it prints the registers per thread, bytes of local memory (spills), the programs per SM the
-registers allow on an H100, and the instruction count and mix of the K loop's body (the SASS between
-the longest backward branch and its target). Triton's bundled ptxas, cuobjdump and nvdisasm do the
-work; the pointers, strides, N and K get the divisibility by 16 that Triton gives them at launch,
-without which the loads are not pipelined.
+(BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages, then any of swap / int / rN for a register cap /
+uN for K tiles per iteration / sub / join, see GemmConfig). For each it prints the registers per thread,
+bytes of local memory (spills), the programs per SM the registers allow on an H100, and the instruction
+count, the MMAs and wgmma waits and the mix of the K loop's body (the SASS between the longest backward
+branch and its target). Triton's bundled ptxas, cuobjdump and nvdisasm do the work; the pointers, strides,
+N and K get the divisibility by 16 that Triton gives them at launch, without which the loads are not
+pipelined.
 """
 
 import argparse
@@ -30,8 +31,8 @@ from triton_kernels.configs import GemmConfig  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 REGISTERS_PER_SM = 65536
-DEFAULT_CONFIGS = ("16x128x128 s1 w4 st3 swap int", "16x64x128 s1 w4 st4 swap int",
-                   "256x128x64 s1 w8 st3 swap", "256x128x128 s1 w8 st3 swap")
+DEFAULT_CONFIGS = ("16x128x128 s1 w4 st3 swap int r128 u2", "16x128x128 s1 w4 st3 swap int sub",  # Mixtral decode
+                   "128x128x128 s1 w4 st3 swap", "128x128x64 s1 w8 st3 join")  # Mixtral at 4096 tokens
 GROUP_SIZE = 128
 
 
@@ -43,7 +44,9 @@ def parse_config(text: str) -> GemmConfig:
     bm, bn, bk, sk, w, st = map(int, m.groups()[:6])
     flags = m.group(7).split()
     regs = [int(f[1:]) for f in flags if re.fullmatch(r"r\d+", f)]
-    return GemmConfig(bm, bn, bk, sk, 8, w, st, "swap" in flags, "int" in flags, regs[0] if regs else None)
+    unroll = [int(f[1:]) for f in flags if re.fullmatch(r"u\d+", f)]
+    return GemmConfig(bm, bn, bk, sk, 8, w, st, "swap" in flags, "int" in flags, regs[0] if regs else None,
+                      unroll[0] if unroll else 1, "sub" in flags, "join" in flags)
 
 
 def compile_gemm(cfg: GemmConfig, gemm: str, bits: int):
@@ -59,7 +62,9 @@ def compile_gemm(cfg: GemmConfig, gemm: str, bits: int):
         "EPILOGUE": _qgemm.EPILOGUE_SILU_MUL if gate_up else _qgemm.EPILOGUE_WEIGHTED_SUM,
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
         "BLOCK_K": _qgemm.block_k_for(GROUP_SIZE, False, bits, cfg.block_k), "SPLIT_K": cfg.split_k,
-        "GROUP_M": cfg.group_m, "SWAP_AB": cfg.swap_ab, "INT_MMA": cfg.int_mma, "UNPACK_ASM": True,
+        "GROUP_M": cfg.group_m, "SWAP_AB": cfg.swap_ab, "INT_MMA": cfg.int_mma, "K_UNROLL": cfg.k_unroll,
+        "UNPACK_ASM": True, "EVEN_K": True, "JOIN_SLICES": cfg.join_slices,
+        "SUB_ZERO": cfg.sub_zero,
     }
     if gate_up:
         constexprs["topk_w_ptr"] = None
@@ -78,7 +83,7 @@ def compile_gemm(cfg: GemmConfig, gemm: str, bits: int):
 
 
 def loop_body(sass: str) -> list[str]:
-    """Opcodes of the longest loop: from a backward branch's target label to the branch."""
+    """Instructions (opcode with modifiers) of the longest loop: from a backward branch's target label to the branch."""
     ops, labels, pending = [], {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
@@ -99,7 +104,7 @@ def loop_body(sass: str) -> list[str]:
     if not loops:
         return []
     start, end = max(loops, key=lambda span: span[1] - span[0])
-    return [op.split(".")[0] for op, _ in ops[start:end + 1]]
+    return [op for op, _ in ops[start:end + 1]]
 
 
 def report(cfg_text: str, gemm: str, bits: int) -> str:
@@ -114,8 +119,11 @@ def report(cfg_text: str, gemm: str, bits: int) -> str:
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     programs = REGISTERS_PER_SM // (regs * 32 * cfg.num_warps)
     body = loop_body(sass)
-    mix = ", ".join(f"{op} {n}" for op, n in collections.Counter(body).most_common(10))
-    return f"| {cfg_text} | {regs} | {local} | {programs} | {len(body)} | {mix} |"
+    counts = collections.Counter(op.split(".")[0] for op in body)
+    mix = ", ".join(f"{op} {n}" for op, n in counts.most_common(10))
+    mma = counts["HGMMA"] + counts["IMMA"] + counts["HMMA"]
+    waits = sum(op.startswith("WARPGROUP.DEPBAR") for op in body)
+    return f"| {cfg_text} | {regs} | {local} | {programs} | {len(body)} | {mma} / {waits} | {mix} |"
 
 
 def main():
@@ -126,8 +134,9 @@ def main():
     args = ap.parse_args()
     print(f"{args.gemm} GEMM, int{args.bits}, bf16 activations, groups of {GROUP_SIZE}, sm_90, triton "
           f"{triton.__version__}")
-    print("| config | registers | local bytes | programs/SM (registers) | loop instructions | top opcodes |")
-    print("|---|---|---|---|---|---|")
+    print("| config | registers | local bytes | programs/SM (registers) | loop instructions | MMAs / wgmma waits "
+          "| top opcodes |")
+    print("|---|---|---|---|---|---|---|")
     for text in args.configs:
         print(report(text, args.gemm, args.bits))
 

@@ -11,7 +11,8 @@ fp32 partial sums with atomics: that keeps HBM busy when there are few output ti
 import triton
 import triton.language as tl
 
-from .packing import kernel_words, load_scale_zero, slice_k_offsets, unpack_offset, unpack_slice
+from .packing import (join_slices, kernel_words, load_scale_zero, slice_k_offsets, unpack_offset,
+                      unpack_slice)
 
 EPILOGUE_STORE = 0  # C = acc (+ bias); fp32 atomics when SPLIT_K > 1
 EPILOGUE_SILU_MUL = 1  # W rows interleaved gate/up: C[:, n // 2] = silu(acc[:, n]) * acc[:, n + 1]
@@ -29,12 +30,36 @@ def _mma(a, w, acc, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
-def _close_group(part, asum, s, zo, SWAP_AB: tl.constexpr):
-    # the group's contribution s * (P - (OFFSET + z) * sum_k a); s, zo [BLOCK_N], asum [BLOCK_M]
-    if SWAP_AB:
-        out = s[:, None] * (part - zo[:, None] * asum[None, :])
+def _load_a(a_rows, ak, row_mask, K, EVEN_K: tl.constexpr):
+    # [BLOCK_M, len(ak)] activations at columns ak
+    if EVEN_K:
+        a = tl.load(a_rows + ak[None, :], mask=row_mask[:, None], other=0.0)
     else:
-        out = s[None, :] * (part - asum[:, None] * zo[None, :])
+        a = tl.load(a_rows + ak[None, :], mask=row_mask[:, None] & (ak[None, :] < K), other=0.0)
+    return a
+
+
+@triton.jit
+def _dequant(w, s, zo, DT: tl.constexpr):
+    # [BLOCK_N, k] OFFSET + q -> DT weights; the difference is exact, the product rounds once
+    return (w - zo.to(DT)[:, None]) * s.to(DT)[:, None]
+
+
+@triton.jit
+def _close_group(part, asum, s, zo, SWAP_AB: tl.constexpr, SUB_ZERO: tl.constexpr):
+    # the group's contribution s * (P - (OFFSET + z) * sum_k a), or s * P where P is already on q - z;
+    # s, zo [BLOCK_N], asum [BLOCK_M, KW] (summed here)
+    if SUB_ZERO:
+        if SWAP_AB:
+            out = s[:, None] * part
+        else:
+            out = s[None, :] * part
+    else:
+        asum = tl.sum(asum, axis=1)
+        if SWAP_AB:
+            out = s[:, None] * (part - zo[:, None] * asum[None, :])
+        else:
+            out = s[None, :] * (part - asum[:, None] * zo[None, :])
     return out
 
 
@@ -51,11 +76,15 @@ def _qgemm_kernel(
     BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, INT_MMA: tl.constexpr,
-    UNPACK_ASM: tl.constexpr,
+    K_UNROLL: tl.constexpr, UNPACK_ASM: tl.constexpr, EVEN_K: tl.constexpr, JOIN_SLICES: tl.constexpr,
+    SUB_ZERO: tl.constexpr,
 ):
     # A: [*, K] fp16/bf16   W: packed words [E, N, Kp/4] int16 (int4) or bytes [E, N, Kp] (int8)
     # C: [*, N] (or [*, N/2] for SILU_MUL)
     # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset
+    # K_UNROLL: K tiles per iteration of the pipelined loop (Triton unrolls it), so their loads issue together
+    # EVEN_K: K == K_PADDED, so the activation loads need no K mask (every real model's shapes; the masks
+    # cost 7% of a decode K tile's instructions)
     # Each K tile is split into slices s (int4: nibble s of every word, 16-k runs; int8 has one), each
     # an MMA of its own; unpack_slice gives OFFSET + q with elementwise ops only (UNPACK_ASM: inline PTX).
     # SWAP_AB (decode) computes acc^T = W . A^T: the weight tile is the wgmma A operand, fed from
@@ -63,6 +92,8 @@ def _qgemm_kernel(
     # INT_MMA: the integers go into the MMA as they are, P = (OFFSET + q) . a, and once per group
     # acc += s * (P - (OFFSET + z) * sum_k a): zero point and offset come off through the
     # activations' row sums and the scale is applied in fp32, so a weight costs a mask and an OR.
+    # SUB_ZERO (with INT_MMA): P = (q - z) . a instead, one exact subtraction per pair of weights, and
+    # acc += s * P: no row sums, whose reduction across threads costs shared memory and barriers.
     # Otherwise each weight is dequantized, W = DT(DT(OFFSET + q - (OFFSET + z)) * DT(s)).
     DT: tl.constexpr = a_ptr.dtype.element_ty
     SLICES: tl.constexpr = 4 if BITS == 4 else 1
@@ -71,6 +102,10 @@ def _qgemm_kernel(
     # A K tile lies in one group (BLOCK_K <= GROUP_K): its scales and zeros are loaded one tile ahead, so their
     # latency hides behind the current tile's MMAs (H100: 1.05-1.35x at 64-4096 rows; decode: int4 +-1%, int8 2-4%)
     TILE_GROUP: tl.constexpr = (not PER_CHANNEL) and GROUP_K >= BLOCK_K
+    # JOIN_SLICES: the dequantized slices are joined back into natural k order, one [BLOCK_N, BLOCK_K] operand
+    # and one MMA: one wgmma wait per K tile instead of one per slice when the tile is the shared-memory
+    # operand (no swap; sm_90 SASS). Dequantized int4 tiles in one group only; elsewhere the flag changes nothing.
+    JOINED: tl.constexpr = JOIN_SLICES and SLICES == 4 and (not INT_MMA) and (PER_CHANNEL or TILE_GROUP)
     pid = tl.program_id(0)
     pid_k = pid % SPLIT_K
     pid_mn = pid // SPLIT_K
@@ -115,39 +150,49 @@ def _qgemm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     part = tl.zeros_like(acc)
-    asum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for kt in range(kt_lo, kt_hi):
+    asum = tl.zeros((BLOCK_M, KW), dtype=tl.float32)  # the open group's activations, summed over slices
+    for kt in tl.range(kt_lo, kt_hi, loop_unroll_factor=K_UNROLL):
         k0 = kt * BLOCK_K
         raw = tl.load(w_ptrs + k0 // SLICES, mask=n_mask[:, None], other=0)  # [BLOCK_N, KW] words
         if TILE_GROUP:
             g_next = min(kt + 1, kt_hi - 1) * BLOCK_K // GROUP_K
             s_next, zo_next = load_scale_zero(s_ptrs + g_next * stride_sg, z_ptrs + g_next * stride_sg, n_mask,
                                               OFFSET)
-        for sl in tl.static_range(SLICES):
-            ak = slice_k_offsets(k0, BITS, sl, BLOCK_K)
-            a = tl.load(a_rows + ak[None, :], mask=row_mask[:, None] & (ak[None, :] < K), other=0.0)
-            w = unpack_slice(raw, sl, BITS, DT, UNPACK_ASM)  # [BLOCK_N, KW]: OFFSET + q
-            # a slice lies in one group (block_k_for() sizes BLOCK_K so); INT_MMA closes it at the group's
-            # end. Tiles of two groups (int4, groups of 32: slices 0-1 and 2-3) load each group's scales here.
-            if (not PER_CHANNEL) and (not TILE_GROUP):
-                if sl * 16 % GROUP_K == 0:
-                    g = (k0 + sl * 16) // GROUP_K
-                    s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
-            if INT_MMA:
-                part = _mma(a, w, part, SWAP_AB)
-                asum += tl.sum(a.to(tl.float32), axis=1)
-                if not PER_CHANNEL:
-                    if (sl == SLICES - 1) or ((sl + 1) * 16 % GROUP_K == 0):
-                        acc += _close_group(part, asum, s, zo, SWAP_AB)
-                        part = tl.zeros_like(part)
-                        asum = tl.zeros_like(asum)
-            else:
-                w = (w - zo.to(DT)[:, None]) * s.to(DT)[:, None]  # exact difference, one rounding
-                acc = _mma(a, w, acc, SWAP_AB)
+        if JOINED:
+            a = _load_a(a_rows, k0 + tl.arange(0, BLOCK_K), row_mask, K, EVEN_K)
+            w = join_slices(_dequant(unpack_slice(raw, 0, BITS, DT, UNPACK_ASM), s, zo, DT),
+                            _dequant(unpack_slice(raw, 1, BITS, DT, UNPACK_ASM), s, zo, DT),
+                            _dequant(unpack_slice(raw, 2, BITS, DT, UNPACK_ASM), s, zo, DT),
+                            _dequant(unpack_slice(raw, 3, BITS, DT, UNPACK_ASM), s, zo, DT))
+            acc = _mma(a, w, acc, SWAP_AB)
+        else:
+            for sl in tl.static_range(SLICES):
+                ak = slice_k_offsets(k0, BITS, sl, BLOCK_K)
+                a = _load_a(a_rows, ak, row_mask, K, EVEN_K)
+                w = unpack_slice(raw, sl, BITS, DT, UNPACK_ASM)  # [BLOCK_N, KW]: OFFSET + q
+                # a slice lies in one group (block_k_for() sizes BLOCK_K so); INT_MMA closes it at the group's
+                # end. Tiles of two groups (int4, groups of 32: slices 0-1 and 2-3) load each group's scales here.
+                if (not PER_CHANNEL) and (not TILE_GROUP):
+                    if sl * 16 % GROUP_K == 0:
+                        g = (k0 + sl * 16) // GROUP_K
+                        s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
+                if INT_MMA:
+                    if SUB_ZERO:
+                        part = _mma(a, w - zo.to(DT)[:, None], part, SWAP_AB)  # q - z, exact
+                    else:
+                        part = _mma(a, w, part, SWAP_AB)
+                        asum += a.to(tl.float32)
+                    if not PER_CHANNEL:
+                        if (sl == SLICES - 1) or ((sl + 1) * 16 % GROUP_K == 0):
+                            acc += _close_group(part, asum, s, zo, SWAP_AB, SUB_ZERO)
+                            part = tl.zeros_like(part)
+                            asum = tl.zeros_like(asum)
+                else:
+                    acc = _mma(a, _dequant(w, s, zo, DT), acc, SWAP_AB)
         if TILE_GROUP:
             s, zo = s_next, zo_next
     if INT_MMA and PER_CHANNEL:
-        acc = _close_group(part, asum, s, zo, SWAP_AB)
+        acc = _close_group(part, asum, s, zo, SWAP_AB, SUB_ZERO)
     if SWAP_AB:
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
 
@@ -204,6 +249,7 @@ def launch(a, w, c, cfg, *, num_rows, num_m_blocks, epilogue, a_div=1, c_div=1,
         c.stride(0),
         BITS=w.bits, GROUP_K=group_k, OFFSET=unpack_offset(w.bits, a.dtype), EPILOGUE=epilogue,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-        SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, UNPACK_ASM=a.is_cuda, num_warps=cfg.num_warps,
+        SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, K_UNROLL=cfg.k_unroll, UNPACK_ASM=a.is_cuda,
+        EVEN_K=w.k == w.k_padded, JOIN_SLICES=cfg.join_slices, SUB_ZERO=cfg.sub_zero, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, maxnreg=cfg.max_regs,
     )

@@ -23,10 +23,13 @@ class GemmConfig:
     swap_ab: bool = False  # compute (W A^T)^T: weights as the register operand, tokens as MMA N
     int_mma: bool = False  # MMA on the raw integers, scale and zero point applied once per group
     max_regs: int | None = None  # ptxas register cap per thread (Triton's maxnreg): more programs per SM
+    k_unroll: int = 1  # K tiles per iteration of the GEMM's loop: their weight loads issue together
+    sub_zero: bool = False  # int_mma on q - z (one subtraction per weight pair) instead of sum_k a per group
+    join_slices: bool = False  # dequantized int4: one MMA per K tile, its four slices joined (see _qgemm)
 
 
-def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None):
-    return GemmConfig(bm, bn, bk, sk, gm, w, s, swap, int_mma, regs)
+def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None, unroll=1, sub=False, join=False):
+    return GemmConfig(bm, bn, bk, sk, gm, w, s, swap, int_mma, regs, unroll, sub, join)
 
 
 # From `scripts/bench_kernels.py --sweep` on an H100 (int4); benchmarks/kernels.md has the numbers behind them.

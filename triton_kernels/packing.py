@@ -17,10 +17,12 @@ Why this int4 order: the GEMM reads a K tile as 16-bit words and takes it apart 
 being nibble s of every word, with elementwise integer ops only (shift, mask, OR with the exponent of a
 float: no reshapes); each slice is a plain [rows, 16-k runs] operand of its own dot, whose activations
 are contiguous runs of 16 k. Because the dequantization is elementwise, Triton stages the packed words in
-shared memory and unpacks them in registers, in the layout of the MMA operand; a reshape or join would
-instead send the 4x larger bf16 tile through shared memory, which measured as the bottleneck (L1 at 84%,
-DRAM at 22%) on an H100. A register of the MMA operand holds two neighbouring words, so on the GPU one
-32-bit shift and one LOP3 give two weights (`unpack_slice`); a byte layout needed twice the instructions.
+shared memory and unpacks them in registers, in the layout of the MMA operand; a reshape or join before
+the MMA operand's layout would instead send the 4x larger bf16 tile through shared memory, which measured as
+the bottleneck (L1 at 84%, DRAM at 22%) on an H100. `join_slices` joins them only where the dequantized
+tile is the shared-memory operand of the MMA anyway (prefill tiles without swap). A register of the MMA
+operand holds two neighbouring words, so on the GPU one 32-bit shift and one LOP3 give two weights
+(`unpack_slice`); a byte layout needed twice the instructions.
 K is padded to Kp, a multiple of K_ALIGN, with q = zeros = scales = 0, so padded weights are exactly
 zero and the kernels never mask weight loads along K (only the activations, which stop at K).
 With `gate_up=True` the rows of a fused w13 [E, 2I, H] (gate rows 0..I-1, up rows I..2I-1) are
@@ -221,6 +223,20 @@ def slice_k_offsets(k0, BITS: tl.constexpr, S: tl.constexpr, BLOCK_K: tl.constex
     else:
         c = tl.arange(0, BLOCK_K // 4)
         return k0 + (c // 16) * 64 + S * 16 + c % 16
+
+
+@triton.jit
+def join_slices(w0, w1, w2, w3):
+    """Four [rows, KW] slices of an int4 K tile -> [rows, 4 KW] in natural k order (column k - k0)."""
+    ROWS: tl.constexpr = w0.shape[0]
+    KW: tl.constexpr = w0.shape[1]
+    CHUNKS: tl.constexpr = KW // 16
+    w0 = tl.reshape(w0, (ROWS, CHUNKS, 16))
+    w1 = tl.reshape(w1, (ROWS, CHUNKS, 16))
+    w2 = tl.reshape(w2, (ROWS, CHUNKS, 16))
+    w3 = tl.reshape(w3, (ROWS, CHUNKS, 16))
+    j = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [rows, chunk, j, i, h]: slice 2 h + i, k = 64 chunk + 16 s + j
+    return tl.reshape(tl.permute(j, (0, 1, 4, 3, 2)), (ROWS, 4 * KW))
 
 
 @triton.jit

@@ -64,11 +64,36 @@ def test_matches_twin(T, H, I, E, k, bits, group_size, sym, dtype, device):
         (GemmConfig(16, 64, 64, swap_ab=True, int_mma=True), GemmConfig(32, 64, 128, split_k=3, swap_ab=True,
                                                                           int_mma=True)),
         (GemmConfig(32, 64, 64, int_mma=True), GemmConfig(16, 32, 128, split_k=2, swap_ab=True)),  # the other two
+        # two K tiles an iteration; split 4 of the down GEMM's 4 tiles leaves one per split: the remainder
+        (GemmConfig(16, 64, 64, swap_ab=True, int_mma=True, k_unroll=2),
+         GemmConfig(16, 64, 64, split_k=4, swap_ab=True, int_mma=True, k_unroll=2)),
+        # integer MMA on q - z, swapped and not
+        (GemmConfig(16, 64, 64, swap_ab=True, int_mma=True, sub_zero=True),
+         GemmConfig(32, 64, 128, split_k=2, int_mma=True, sub_zero=True)),
     ],
 )
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (4, PER_CHANNEL)])
 def test_configs_and_split_k(configs, bits, group_size, device):
     x = make_block(9, 192, 96, 8, 2, bits, group_size, False, torch.bfloat16, device, seed=3)
+    check(*x, configs=configs)
+
+
+@pytest.mark.parametrize("group_size", [64, 128, PER_CHANNEL])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_joined_slices(group_size, dtype, device):
+    # int4 tiles in one group: one MMA per K tile on the joined slices, natural k order (2 K tiles at H=192)
+    configs = (GemmConfig(32, 64, 128, join_slices=True), GemmConfig(16, 64, 64, split_k=2, swap_ab=True,
+                                                                      join_slices=True))
+    x = make_block(9, 192, 96, 8, 2, 4, group_size, False, dtype, device, seed=4)
+    check(*x, configs=configs)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (8, PER_CHANNEL)])
+def test_sub_zero_float16(bits, group_size, device):
+    # q - z in float16 (OFFSET 1024 for int4), asymmetric zeros
+    configs = (GemmConfig(16, 64, 128, swap_ab=True, int_mma=True, sub_zero=True),
+               GemmConfig(16, 64, 64, split_k=2, swap_ab=True, int_mma=True, sub_zero=True))
+    x = make_block(9, 192, 96, 8, 2, bits, group_size, False, torch.float16, device, seed=6)
     check(*x, configs=configs)
 
 
