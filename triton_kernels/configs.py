@@ -33,58 +33,57 @@ def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None, u
 
 
 # From `scripts/bench_kernels.py --sweep` on an H100 (int4); benchmarks/kernels.md has the numbers behind them.
-# Entries for 256-4096 tokens swept after the scale prefetch (session 5, run 21 of kernels_v2_h100.txt), before
-# session 7's four-slice int4 layout, under which their 64-k tiles issue MMAs of 16 k and run slower (run 28:
-# Mixtral 4096 tokens 7357 -> 9398 us): they await a re-sweep. Entries for 1-64 tokens swept on the slice layout
-# (session 7, run 28): 128-row weight tiles, with register caps (max_regs) where they won.
+# Session 8 (runs 29-30 of kernels_v2_h100.txt): 1-64 tokens for all three blocks, 256-4096 where a block has
+# more than 32 rows per expert (Mixtral 256-4096, Qwen3 1024-4096, DeepSeek 4096). Qwen3 at 256 and DeepSeek at
+# 256/1024 tokens are session 5's (run 21), 16-32-row tiles of the kind the decode sweeps still pick.
 TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
     ('NVIDIA H100 80GB HBM3', 8, 28672, 4096, 4): {  # Mixtral-8x7B gate/up
-        1: _c(16, 128, 128, s=3, swap=True, int_mma=True),
-        16: _c(16, 64, 128, s=3, swap=True, int_mma=True, regs=80),
-        64: _c(16, 128, 128, swap=True, int_mma=True),
-        256: _c(64, 128, 64, swap=True),
-        1024: _c(128, 128, 64, s=3, swap=True),
-        4096: _c(256, 128, 64, w=8, s=3, swap=True),
+        1: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
+        64: _c(16, 128, 128, swap=True, int_mma=True, sub=True),
+        256: _c(64, 256, 64, w=8, s=3, swap=True),
+        1024: _c(128, 128, 128, s=3, swap=True),
+        4096: _c(128, 128, 128, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 8, 4096, 14336, 4): {  # Mixtral-8x7B down
-        1: _c(16, 128, 128, sk=4, swap=True, int_mma=True),
-        16: _c(16, 128, 128, sk=8, swap=True, int_mma=True),
-        64: _c(16, 128, 128, sk=8, swap=True, int_mma=True),
-        256: _c(64, 128, 64, sk=2, swap=True),
-        1024: _c(256, 128, 64, sk=2, w=8, s=3, swap=True),
-        4096: _c(256, 128, 64, sk=2, w=8, s=3, swap=True),
+        1: _c(16, 128, 128, sk=8, s=3, swap=True, int_mma=True, sub=True),
+        16: _c(16, 128, 128, sk=8, s=3, swap=True, int_mma=True, sub=True),
+        64: _c(16, 128, 128, sk=8, s=3, swap=True, int_mma=True, sub=True),
+        256: _c(128, 128, 64, w=8, s=3, join=True),
+        1024: _c(128, 128, 128, sk=2, s=3, swap=True),
+        4096: _c(128, 128, 64, w=8, s=3, join=True),
     },
     ('NVIDIA H100 80GB HBM3', 128, 1536, 2048, 4): {  # Qwen3-30B-A3B gate/up
-        1: _c(16, 128, 128, swap=True, int_mma=True),
-        16: _c(16, 128, 128, s=3, swap=True, int_mma=True),
-        64: _c(16, 128, 128, s=3, swap=True, int_mma=True),
+        1: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
+        64: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
         256: _c(16, 128, 128, s=3, swap=True, int_mma=True),
-        1024: _c(64, 128, 64, swap=True),
-        4096: _c(128, 128, 64, s=3, swap=True),
+        1024: _c(64, 256, 64, w=8, s=3, swap=True),
+        4096: _c(64, 256, 64, w=8, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 128, 2048, 768, 4): {  # Qwen3-30B-A3B down
-        1: _c(16, 64, 128, sk=2, s=3, swap=True, int_mma=True, regs=80),
-        16: _c(16, 128, 128, sk=2, swap=True, int_mma=True, regs=96),
-        64: _c(16, 128, 128, swap=True, int_mma=True, regs=96),
+        1: _c(16, 128, 128, sk=2, s=3, swap=True, int_mma=True, sub=True),
+        16: _c(16, 128, 128, sk=2, s=3, swap=True, int_mma=True, sub=True),
+        64: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
         256: _c(16, 128, 128, swap=True),
-        1024: _c(128, 128, 64, swap=True),
-        4096: _c(256, 128, 64, w=8, s=3, swap=True),
+        1024: _c(64, 128, 64, swap=True),
+        4096: _c(128, 128, 128, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 256, 4096, 7168, 4): {  # DeepSeek-V3 gate/up
-        1: _c(16, 128, 128, swap=True, int_mma=True),
-        16: _c(16, 128, 128, swap=True, int_mma=True),
-        64: _c(16, 256, 128, w=8, swap=True, int_mma=True),
+        1: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
+        64: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
         256: _c(16, 128, 128, swap=True, int_mma=True),
         1024: _c(32, 128, 128, s=3, swap=True, int_mma=True),
-        4096: _c(128, 128, 64, swap=True),
+        4096: _c(64, 256, 64, w=8, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 256, 7168, 2048, 4): {  # DeepSeek-V3 down
-        1: _c(16, 128, 128, sk=8, swap=True, int_mma=True, regs=96),
-        16: _c(16, 128, 128, sk=2, swap=True, int_mma=True),
-        64: _c(16, 128, 128, sk=2, swap=True),
+        1: _c(16, 128, 128, sk=8, s=3, swap=True, int_mma=True, sub=True),
+        16: _c(16, 128, 128, sk=2, swap=True, int_mma=True, sub=True),
+        64: _c(16, 128, 128, sk=4, swap=True, int_mma=True),
         256: _c(16, 128, 128, swap=True),
         1024: _c(32, 128, 128, swap=True),
-        4096: _c(128, 128, 64, swap=True),
+        4096: _c(128, 128, 64, w=8, s=3, join=True),
     },
 }
 
@@ -129,17 +128,20 @@ def default_config(E: int, N: int, K: int, bits: int, num_tokens: int, top_k: in
     hit = min(E, pairs)
     rows = pairs / hit  # average rows per hit expert
     # Few rows: the weights are the register operand of the MMA (swap_ab), the tokens its N, and the
-    # MMA runs on the raw integers (int_mma). Many: up to 256 tokens share each dequantized weight tile.
-    if rows <= 16:  # 128 weight rows: the decode winner of all three tuned blocks since session 7's slices
-        cfg = _c(16, 128, 128, swap=True, int_mma=True)
+    # MMA runs on the raw integers (int_mma). Many: 64-128 tokens share each dequantized weight tile.
+    if rows <= 16:  # 128 weight rows on q - z (run 30: the best or within 2.3% of it at every down GEMM bucket)
+        cfg = _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True)
+        # Unsplit GEMMs (gate/up) with <= 8 rows and >= 3 programs per SM: two K tiles an iteration, capped at 128
+        # registers. Run 30's nine gate/up buckets: this picks the winner in each (the unrolled tile won the six
+        # that pass, by 3-22%, and lost the other three by 3-36%); no other shape was measured.
+        if not splittable and rows <= 8 and hit * -(-N // cfg.block_n) >= 3 * num_sms:
+            cfg = replace(cfg, sub_zero=False, max_regs=128, k_unroll=2)
     elif rows <= 32:
         cfg = _c(32, 64, 128, swap=True, int_mma=True)
-    elif rows <= 64:
-        cfg = _c(64, 128, 64)
-    elif rows <= 128:
-        cfg = _c(128, 128, 64, w=8, s=3)
-    else:
-        cfg = _c(256, 128, 64, w=8, s=3, swap=True)
+    elif rows <= 128:  # run 29 at 64-128 rows: within 14% of the best in each of its six buckets
+        cfg = _c(64, 128, 64, swap=True)
+    else:  # run 29 at 256-1024 rows: within 3% of the best in each of its six buckets
+        cfg = _c(128, 128, 128, s=3, swap=True)
     if splittable:
         m_blocks = hit * max(1, -(-int(rows) // cfg.block_m))
         tiles = m_blocks * -(-N // cfg.block_n)
