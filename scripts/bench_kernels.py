@@ -317,7 +317,18 @@ def tuned_literal(best, best_dense, device_name):
         table.setdefault((device_name, E, H, I, bits), {})[T] = cfgs["down"]
     for (N, K, M, bits), cfg in sorted(best_dense.items()):
         table.setdefault((device_name, 1, N, K, bits), {})[M] = cfg
-    return [f"    {key!r}: {{{', '.join(f'{T}: {cfg!r}' for T, cfg in sorted(v.items()))}}}," for key, v in table.items()]
+    return [f"    {key!r}: {{{', '.join(f'{T}: {config_literal(cfg)}' for T, cfg in sorted(v.items()))}}},"
+            for key, v in table.items()]
+
+
+def config_literal(cfg):
+    """cfg as configs.py writes it: _c(block_m, block_n, block_k, and the fields that differ from _c's defaults)."""
+    names = {"split_k": "sk", "group_m": "gm", "num_warps": "w", "num_stages": "s", "swap_ab": "swap",
+             "max_regs": "regs", "k_unroll": "unroll", "sub_zero": "sub", "join_slices": "join"}
+    default = GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k)
+    extra = [f"{names.get(f.name, f.name)}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)[3:]
+             if getattr(cfg, f.name) != getattr(default, f.name)]
+    return f"_c({', '.join([str(cfg.block_m), str(cfg.block_n), str(cfg.block_k), *extra])})"
 
 
 def random_dense(N, K, bits, gen):
