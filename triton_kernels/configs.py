@@ -128,8 +128,10 @@ def default_config(E: int, N: int, K: int, bits: int, num_tokens: int, top_k: in
     hit = min(E, pairs)
     rows = pairs / hit  # average rows per hit expert
     # Few rows: the weights are the register operand of the MMA (swap_ab), the tokens its N, and the
-    # MMA runs on the raw integers (int_mma). Many: 64-128 tokens share each dequantized weight tile.
-    if rows <= 16:  # 128 weight rows on q - z (run 30: the best or within 2.3% of it at every down GEMM bucket)
+    # MMA runs on the raw integers (int_mma). Many: 64-256 tokens share each dequantized weight tile.
+    if bits == 8:
+        cfg = _int8_tile(rows)
+    elif rows <= 16:  # 128 weight rows on q - z (run 30: the best or within 2.3% of it at every down GEMM bucket)
         cfg = _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True)
         # Unsplit GEMMs (gate/up) with <= 8 rows and >= 3 programs per SM: two K tiles an iteration, capped at 128
         # registers. Run 30's nine gate/up buckets: this picks the winner in each (the unrolled tile won the six
@@ -156,6 +158,21 @@ def default_config(E: int, N: int, K: int, bits: int, num_tokens: int, top_k: in
             split *= 2
         cfg = replace(cfg, split_k=split)
     return cfg
+
+
+def _int8_tile(rows: float) -> GemmConfig:
+    """int8 tiles by rows per expert: session 5's rule, the one its int8 tables (runs 22-24) were timed with.
+    The int4 tiles of session 8 do not carry over: 16x128x128 takes 213-227 registers in int8 (2 programs
+    per SM) and the unrolled one spills (sm_90 SASS, scripts/sass_report.py --bits 8)."""
+    if rows <= 16:
+        return _c(16, 64, 128, swap=True, int_mma=True)
+    if rows <= 32:
+        return _c(32, 64, 128, swap=True, int_mma=True)
+    if rows <= 64:
+        return _c(64, 128, 64)
+    if rows <= 128:
+        return _c(128, 128, 64, w=8, s=3)
+    return _c(256, 128, 64, w=8, s=3, swap=True)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -48,6 +48,16 @@ def test_default_rule(tokens):
     assert get_config("a GPU nobody tuned", 8, 1024, 4096, 4, tokens, 2) == cfg
 
 
+@pytest.mark.parametrize("tokens", [1, 16, 64, 1000])
+@pytest.mark.parametrize("splittable", [True, False])
+def test_int8_keeps_tiles_it_was_timed_with(tokens, splittable):
+    # the unrolled and q - z int4 tiles are not for int8: 16x128x128 int8 takes > 200 registers, unrolled it spills
+    cfg = default_config(8, 28672, 4096, 8, tokens, 2, splittable=splittable)
+    assert cfg.k_unroll == 1 and not cfg.sub_zero and cfg.max_regs is None
+    if tokens == 1:
+        assert (cfg.block_m, cfg.block_n) == (16, 64)
+
+
 @pytest.mark.parametrize("table", [DEQUANT_MIN_ROWS, DEQUANT_MIN_ROWS_PER_EXPERT])
 def test_dequant_thresholds_have_a_default(table):
     assert table["default"] >= 1 and all(rows >= 1 for rows in table.values())
