@@ -202,7 +202,7 @@ def cfg_str(c):
 def sweep_candidates(rows, gemm):
     """Configs to time for one GEMM at this many rows per expert; for the down GEMM the first four
     (and at <= 32 rows the two 32-weight-row tiles, the register-capped, unrolled and q - z tiles, at more
-    rows the 128-k tiles of dequantized weights and the first two joined ones) are tried with split-K.
+    rows the 128-k tiles of dequantized weights and the first joined ones) are tried with split-K.
     swap: weights as the register MMA operand; int: integer MMA; r: register cap (more programs per SM);
     u: K tiles per loop iteration; sub: integer MMA on q - z; join: one MMA per K tile on the joined int4
     slices."""
@@ -241,10 +241,13 @@ def sweep_candidates(rows, gemm):
     else:
         k128 = [c(256, 128, 128, 8, 3, True), c(256, 128, 128, 8, 2, True), c(128, 128, 128, 8, 3, True),
                 c(128, 128, 128, 4, 3, True)]
+        # 4-warp joined tiles: untimed; 128x128x128 swap with 4 warps beat its 8-warp twin by 1.4x at 4096
+        # tokens in run 29 (Mixtral gate/up 4598 vs 6358 us)
         joined = [c(256, 128, 64, 8, 3, join=True), c(128, 128, 64, 8, 3, join=True),
+                  c(128, 128, 128, 4, 3, join=True), c(128, 128, 64, 4, 4, join=True),
                   c(256, 128, 64, 8, 4, join=True), c(128, 256, 64, 8, 3, join=True),
                   c(128, 128, 128, 8, 3, join=True), c(256, 128, 128, 8, 2, join=True)]
-        split_too = k128 + joined[:2]
+        split_too = k128 + joined[:4]
         base = [c(128, 128, 64, 8, 3, True), c(256, 128, 64, 8, 3, True), c(128, 128, 128, 8, 3, True, True),
                 c(128, 128, 64, 8, 3), c(64, 128, 64, 4, 4), c(128, 128, 64, 8, 3, False, True),
                 c(128, 128, 64, 4, 3, True), c(64, 256, 64, 8, 3, True), *k128, *joined]
