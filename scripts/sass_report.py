@@ -1,6 +1,6 @@
 """Compile the quantized MoE GEMM for sm_90 on this machine (no GPU) and report what ptxas made of it.
 
-    python3 scripts/sass_report.py [--gemm gate_up|down] [--bits 4|8] [CONFIG ...]
+    python3 scripts/sass_report.py [--gemm gate_up|down] [--bits 4|8] [--asymmetric] [CONFIG ...]
 
 CONFIG is written the way scripts/bench_kernels.py prints one, e.g. "16x128x128 s1 w4 st3 swap int"
 (BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages, then any of swap / int / rN for a register cap /
@@ -49,7 +49,7 @@ def parse_config(text: str) -> GemmConfig:
                       unroll[0] if unroll else 1, "sub" in flags, "join" in flags)
 
 
-def compile_gemm(cfg: GemmConfig, gemm: str, bits: int):
+def compile_gemm(cfg: GemmConfig, gemm: str, bits: int, symmetric: bool):
     """triton.compile of _qgemm_kernel as fused_moe launches it for this GEMM (bf16, groups of 128)."""
     kernel = _qgemm._qgemm_kernel
     names = [p.name for p in kernel.params]
@@ -59,6 +59,7 @@ def compile_gemm(cfg: GemmConfig, gemm: str, bits: int):
                 "block_expert_ptr": "*i32", "num_padded_ptr": "*i32"}
     constexprs = {
         "bias_ptr": None, "BITS": bits, "GROUP_K": GROUP_SIZE, "OFFSET": 128.0 if bits == 4 else 0.0,
+        "ZERO": 1 << (bits - 1) if symmetric else -1,
         "EPILOGUE": _qgemm.EPILOGUE_SILU_MUL if gate_up else _qgemm.EPILOGUE_WEIGHTED_SUM,
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
         "BLOCK_K": _qgemm.block_k_for(GROUP_SIZE, False, bits, cfg.block_k), "SPLIT_K": cfg.split_k,
@@ -107,9 +108,9 @@ def loop_body(sass: str) -> list[str]:
     return [op for op, _ in ops[start:end + 1]]
 
 
-def report(cfg_text: str, gemm: str, bits: int) -> str:
+def report(cfg_text: str, gemm: str, bits: int, symmetric: bool) -> str:
     cfg = parse_config(cfg_text)
-    compiled = compile_gemm(cfg, gemm, bits)
+    compiled = compile_gemm(cfg, gemm, bits, symmetric)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -131,14 +132,15 @@ def main():
     ap.add_argument("configs", nargs="*", default=list(DEFAULT_CONFIGS))
     ap.add_argument("--gemm", choices=("gate_up", "down"), default="gate_up")
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    ap.add_argument("--asymmetric", action="store_true", help="zero points loaded per group (default: symmetric)")
     args = ap.parse_args()
-    print(f"{args.gemm} GEMM, int{args.bits}, bf16 activations, groups of {GROUP_SIZE}, sm_90, triton "
-          f"{triton.__version__}")
+    print(f"{args.gemm} GEMM, int{args.bits}, {'asymmetric' if args.asymmetric else 'symmetric'}, bf16 activations, "
+          f"groups of {GROUP_SIZE}, sm_90, triton {triton.__version__}")
     print("| config | registers | local bytes | programs/SM (registers) | loop instructions | MMAs / wgmma waits "
           "| top opcodes |")
     print("|---|---|---|---|---|---|---|")
     for text in args.configs:
-        print(report(text, args.gemm, args.bits))
+        print(report(text, args.gemm, args.bits, not args.asymmetric))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def _qgemm_kernel(
     # strides (the last dimension of every tensor is contiguous)
     stride_am, stride_we, stride_wn, stride_se, stride_sg, stride_cm,
     # constexpr
-    BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, EPILOGUE: tl.constexpr,
+    BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, ZERO: tl.constexpr, EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, INT_MMA: tl.constexpr,
     K_UNROLL: tl.constexpr, UNPACK_ASM: tl.constexpr, EVEN_K: tl.constexpr, JOIN_SLICES: tl.constexpr,
@@ -81,7 +81,7 @@ def _qgemm_kernel(
 ):
     # A: [*, K] fp16/bf16   W: packed words [E, N, Kp/4] int16 (int4) or bytes [E, N, Kp] (int8)
     # C: [*, N] (or [*, N/2] for SILU_MUL)
-    # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset
+    # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset; ZERO: see load_scale_zero
     # K_UNROLL: K tiles per iteration of the pipelined loop (Triton unrolls it), so their loads issue together
     # EVEN_K: K == K_PADDED, so the activation loads need no K mask (every real model's shapes; the masks
     # cost 7% of a decode K tile's instructions)
@@ -140,10 +140,10 @@ def _qgemm_kernel(
     kt_lo = pid_k * per_split
     kt_hi = min(kt_lo + per_split, k_tiles)
     if PER_CHANNEL:
-        s, zo = load_scale_zero(s_ptrs, z_ptrs, n_mask, OFFSET)
+        s, zo = load_scale_zero(s_ptrs, z_ptrs, n_mask, OFFSET, ZERO)
     if TILE_GROUP:
         g = min(kt_lo, k_tiles - 1) * BLOCK_K // GROUP_K
-        s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
+        s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET, ZERO)
     # acc (and part, the open group of INT_MMA) is [BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -157,7 +157,7 @@ def _qgemm_kernel(
         if TILE_GROUP:
             g_next = min(kt + 1, kt_hi - 1) * BLOCK_K // GROUP_K
             s_next, zo_next = load_scale_zero(s_ptrs + g_next * stride_sg, z_ptrs + g_next * stride_sg, n_mask,
-                                              OFFSET)
+                                              OFFSET, ZERO)
         if JOINED:
             a = _load_a(a_rows, k0 + tl.arange(0, BLOCK_K), row_mask, K, EVEN_K)
             w = join_slices(_dequant(unpack_slice(raw, 0, BITS, DT, UNPACK_ASM), s, zo, DT),
@@ -175,7 +175,7 @@ def _qgemm_kernel(
                 if (not PER_CHANNEL) and (not TILE_GROUP):
                     if sl * 16 % GROUP_K == 0:
                         g = (k0 + sl * 16) // GROUP_K
-                        s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
+                        s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET, ZERO)
                 if INT_MMA:
                     if SUB_ZERO:
                         part = _mma(a, w - zo.to(DT)[:, None], part, SWAP_AB)  # q - z, exact
@@ -247,7 +247,7 @@ def launch(a, w, c, cfg, *, num_rows, num_m_blocks, epilogue, a_div=1, c_div=1,
         w.n, w.k, w.k_padded, num_rows, num_m_blocks, a_div, c_div,
         a.stride(0), words.stride(0), words.stride(1), w.scales.stride(0), w.scales.stride(1),
         c.stride(0),
-        BITS=w.bits, GROUP_K=group_k, OFFSET=unpack_offset(w.bits, a.dtype), EPILOGUE=epilogue,
+        BITS=w.bits, GROUP_K=group_k, OFFSET=unpack_offset(w.bits, a.dtype), ZERO=w.kernel_zero, EPILOGUE=epilogue,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
         SWAP_AB=cfg.swap_ab, INT_MMA=cfg.int_mma, K_UNROLL=cfg.k_unroll, UNPACK_ASM=a.is_cuda,
         EVEN_K=w.k == w.k_padded, JOIN_SLICES=cfg.join_slices, SUB_ZERO=cfg.sub_zero, num_warps=cfg.num_warps,

@@ -27,14 +27,14 @@ def _dequant_kernel(
     # strides (the last dimension of every tensor is contiguous)
     stride_we, stride_wn, stride_se, stride_sg, stride_oe, stride_on,
     # constexpr
-    BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, UNPACK_ASM: tl.constexpr,
 ):
     # W: packed words [E, N, Kp/4] int16 (int4) or bytes [E, N, Kp] (int8)   s, z: [E, Gp, N]
     # out: [E', N, K], expert first_expert + e
     # out = DT((q - z) * s), computed in fp32: q - z and its product with an fp16 scale are exact there,
     # so the only rounding is the final cast (bitwise what packing.dequantize(...).to(DT) gives).
-    # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset
+    # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset; ZERO: see load_scale_zero
     DT: tl.constexpr = out_ptr.dtype.element_ty
     SLICES: tl.constexpr = 4 if BITS == 4 else 1
     KW: tl.constexpr = BLOCK_K // SLICES  # words of a row of the weight tile
@@ -49,13 +49,13 @@ def _dequant_kernel(
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
     if GROUP_K == 0:
-        s, zo = load_scale_zero(s_ptrs, z_ptrs, n_mask, OFFSET)
+        s, zo = load_scale_zero(s_ptrs, z_ptrs, n_mask, OFFSET, ZERO)
     out_rows = out_ptr + e.to(tl.int64) * stride_oe + offs_n[:, None] * stride_on
     for sl in tl.static_range(SLICES):
         if GROUP_K != 0:
             if sl * 16 % GROUP_K == 0:  # the slices of one group share its scales (groups of 32: slices 0-1, 2-3)
                 g = (k0 + sl * 16) // GROUP_K
-                s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET)
+                s, zo = load_scale_zero(s_ptrs + g * stride_sg, z_ptrs + g * stride_sg, n_mask, OFFSET, ZERO)
         w = (unpack_slice(raw, sl, BITS, DT, UNPACK_ASM).to(tl.float32) - zo[:, None]) * s[:, None]
         ks = slice_k_offsets(k0, BITS, sl, BLOCK_K)
         tl.store(out_rows + ks[None, :], w.to(DT), mask=n_mask[:, None] & (ks[None, :] < K))
@@ -99,6 +99,7 @@ def dequantize_packed(packed: PackedExperts, dtype: torch.dtype, experts: slice 
         words.stride(0), words.stride(1), packed.scales.stride(0), packed.scales.stride(1),
         out.stride(0), out.stride(1),
         BITS=packed.bits, GROUP_K=0 if packed.per_channel else packed.group_size,
-        OFFSET=unpack_offset(packed.bits, dtype), BLOCK_N=BLOCK_N, BLOCK_K=block_k, UNPACK_ASM=out.is_cuda,
+        OFFSET=unpack_offset(packed.bits, dtype), ZERO=packed.kernel_zero, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        UNPACK_ASM=out.is_cuda,
     )
     return out

@@ -53,6 +53,12 @@ class PackedExperts:
     group_size: int  # == k for per-channel
     k: int  # unpadded reduction size
     gate_up: bool = False  # rows interleaved gate/up (see module docstring)
+    symmetric: bool = False  # every zero point is 2**(bits - 1): the kernels use the constant, not the zeros
+
+    @property
+    def kernel_zero(self) -> int:
+        """The ZERO constexpr of load_scale_zero: the constant zero point, or -1 (load the zeros)."""
+        return 1 << (self.bits - 1) if self.symmetric else -1
 
     @property
     def num_experts(self) -> int:
@@ -131,7 +137,9 @@ def pack_experts(q, scales, zeros, bits: int, group_size: int, *, gate_up: bool 
     zp = torch.zeros(E, Gp, N, dtype=torch.uint8, device=q.device)
     sp[:, :G] = scales.transpose(1, 2)
     zp[:, :G] = zeros.transpose(1, 2)
-    return PackedExperts(qweight.contiguous(), sp.contiguous(), zp.contiguous(), bits, group_size, K, gate_up)
+    symmetric = bool((zeros == 1 << (bits - 1)).all())
+    return PackedExperts(qweight.contiguous(), sp.contiguous(), zp.contiguous(), bits, group_size, K, gate_up,
+                         symmetric)
 
 
 def pack_linear(q, scales, zeros, bits: int, group_size: int) -> PackedExperts:
@@ -240,8 +248,14 @@ def join_slices(w0, w1, w2, w3):
 
 
 @triton.jit
-def load_scale_zero(s_ptrs, z_ptrs, mask, OFFSET: tl.constexpr):
-    """One group's scales and OFFSET + zero points as float32, from pointers into a [Gp, N] row."""
+def load_scale_zero(s_ptrs, z_ptrs, mask, OFFSET: tl.constexpr, ZERO: tl.constexpr):
+    """One group's scales and OFFSET + zero points as float32, from pointers into a [Gp, N] row.
+
+    ZERO >= 0 (PackedExperts.kernel_zero: symmetric weights) is every zero point: no load, and a constant
+    that needs no layout conversion between its uses (sm_90 SASS of the decode tile: 4 -> 2 barriers)."""
     s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
-    zo = tl.load(z_ptrs, mask=mask, other=0).to(tl.float32) + OFFSET
+    if ZERO >= 0:
+        zo = tl.full(s.shape, OFFSET + ZERO, tl.float32)
+    else:
+        zo = tl.load(z_ptrs, mask=mask, other=0).to(tl.float32) + OFFSET
     return s, zo

@@ -49,6 +49,15 @@ def test_nibble_order():
     assert torch.all(b[:, 64:] == 0)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_only_when_every_zero_is_the_midpoint(bits):
+    q, s, z = random_quantized(2, 8, 64, bits, 32, sym=True)
+    assert pack_experts(q, s, z, bits, 32).symmetric and pack_experts(q, s, z, bits, 32).kernel_zero == 1 << (bits - 1)
+    z[1, 5, 1] -= 1  # one group of one row off the midpoint: the kernels must load the zeros
+    p = pack_experts(q, s, z, bits, 32)
+    assert not p.symmetric and p.kernel_zero == -1
+
+
 def test_pack_linear_is_one_expert():
     q, s, z = random_quantized(1, 12, 64, 8, 32, sym=True)
     p = pack_linear(q[0], s[0], z[0], 8, 32)
