@@ -86,6 +86,34 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
         1024: _c(32, 128, 128, swap=True),
         4096: _c(128, 128, 64, w=8, s=3, join=True),
     },
+    # Dense layers (quant_linear: E = 1, buckets are rows M), session 9's dense sweep (run 34), int4 and int8. The
+    # sweep's winners, except where the default rule's tile (not among the candidates) was faster in run 33
+    # (int4 14336x4096 at 256 rows: 85.1 vs 111.8 us) or the winner's output was not finite (int8 4096x4096 at
+    # 256 rows, 128x128x64 s4 w8 st3 swap: rel err inf in run 34's table); those two keep the default rule's tile.
+    ('NVIDIA H100 80GB HBM3', 1, 4096, 4096, 4): {
+        1: _c(16, 128, 128, sk=8, swap=True, int_mma=True),
+        16: _c(16, 128, 128, sk=8, swap=True, int_mma=True),
+        64: _c(32, 128, 128, sk=4, swap=True, int_mma=True),
+        256: _c(32, 128, 128, swap=True, int_mma=True),
+    },
+    ('NVIDIA H100 80GB HBM3', 1, 14336, 4096, 4): {
+        1: _c(16, 128, 128, sk=8, swap=True, int_mma=True),
+        16: _c(16, 128, 128, sk=8, swap=True),
+        64: _c(32, 128, 128, swap=True, int_mma=True),
+        256: _c(128, 128, 128, s=3, swap=True),
+    },
+    ('NVIDIA H100 80GB HBM3', 1, 4096, 4096, 8): {
+        1: _c(16, 64, 128, sk=4, swap=True, int_mma=True),
+        16: _c(16, 64, 128, sk=4, swap=True, int_mma=True),
+        64: _c(64, 128, 64, sk=8),
+        256: _c(256, 128, 64, sk=4, w=8, s=3, swap=True),
+    },
+    ('NVIDIA H100 80GB HBM3', 1, 14336, 4096, 8): {
+        1: _c(16, 64, 128, sk=2, swap=True, int_mma=True),
+        16: _c(16, 64, 128, sk=2, swap=True, int_mma=True),
+        64: _c(64, 128, 64, sk=2),
+        256: _c(128, 128, 64, w=8, s=3),
+    },
 }
 
 # From this many rows the Triton GEMM loses to dequantizing the weights once per call and running the
