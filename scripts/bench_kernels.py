@@ -241,8 +241,8 @@ def sweep_candidates(rows, gemm):
     else:
         k128 = [c(256, 128, 128, 8, 3, True), c(256, 128, 128, 8, 2, True), c(128, 128, 128, 8, 3, True),
                 c(128, 128, 128, 4, 3, True), c(128, 128, 128, 4, 4, True), c(128, 256, 128, 8, 3, True)]
-        # 4-warp joined tiles: untimed; 128x128x128 swap with 4 warps beat its 8-warp twin by 1.4x at 4096
-        # tokens in run 29 (Mixtral gate/up 4598 vs 6358 us)
+        # 4-warp joined tiles (128x128x128 swap with 4 warps beat its 8-warp twin by 1.4x at 4096 tokens in run
+        # 29, Mixtral gate/up 4598 vs 6358 us): second or third in run 32, never first
         joined = [c(256, 128, 64, 8, 3, join=True), c(128, 128, 64, 8, 3, join=True),
                   c(128, 128, 128, 4, 3, join=True), c(128, 128, 64, 4, 4, join=True),
                   c(256, 128, 64, 8, 4, join=True), c(128, 256, 64, 8, 3, join=True),

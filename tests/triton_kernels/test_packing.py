@@ -52,7 +52,8 @@ def test_nibble_order():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_symmetric_only_when_every_zero_is_the_midpoint(bits):
     q, s, z = random_quantized(2, 8, 64, bits, 32, sym=True)
-    assert pack_experts(q, s, z, bits, 32).symmetric and pack_experts(q, s, z, bits, 32).kernel_zero == 1 << (bits - 1)
+    p = pack_experts(q, s, z, bits, 32)
+    assert p.symmetric and p.kernel_zero == 1 << (bits - 1)
     z[1, 5, 1] -= 1  # one group of one row off the midpoint: the kernels must load the zeros
     p = pack_experts(q, s, z, bits, 32)
     assert not p.symmetric and p.kernel_zero == -1
