@@ -10,7 +10,7 @@ from moeq.plan import make_plan
 from moeq.recipe import load_recipe
 from moeq.sensitivity import Measurement, Sensitivity, Unit, model_units
 
-from conftest import FIXTURES
+from support import FIXTURES
 
 DEFAULTS = {"method": "gptq", "group_size": 128, "sym": True, "act_order": True, "damp": 0.01}
 

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from moeq.calibration import calibration_windows, coverage_advice, evaluation_windows, read_token_stream
 from moeq.errors import MoeqError
 
-from conftest import DATA, FIXTURES
+from support import DATA, FIXTURES
 
 
 class _Tokenizer:

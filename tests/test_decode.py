@@ -13,7 +13,7 @@ import moeq
 from moeq.decode import decode_step, greedy_generate
 from moeq.errors import GraphCaptureError
 
-from conftest import EXAMPLES, FIXTURES, quantize_demo_for_kernels
+from support import EXAMPLES, FIXTURES, quantize_demo_for_kernels
 
 MODELS = ["tiny-mixtral", "tiny-qwen2-moe"]
 PROMPT_LEN, NEW_TOKENS = 16, 12

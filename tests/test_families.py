@@ -4,7 +4,7 @@ from transformers import AutoConfig
 from moeq.errors import UnsupportedModelError
 from moeq.families import FAMILIES, ROLES, family_for, model_dims
 
-from conftest import TINY_CONFIGS
+from support import TINY_CONFIGS
 
 
 def _config(kind, **changes):

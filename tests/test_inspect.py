@@ -15,7 +15,7 @@ from moeq.plan import make_plan
 from moeq.quantize import QuantizeConfig, quantize_model
 from moeq.recipe import load_recipe
 
-from conftest import FIXTURES
+from support import FIXTURES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEMO = EXAMPLES / "demo-mixtral"  # 4 layers, 8 experts [256, 128] / [128, 256], tied embeddings

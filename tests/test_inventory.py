@@ -9,7 +9,7 @@ from moeq.errors import CheckpointError
 from moeq.families import ROLES
 from moeq.inventory import inventory_from_checkpoint, inventory_from_config
 
-from conftest import FIXTURES, TINY_CONFIGS
+from support import FIXTURES, TINY_CONFIGS
 
 # Real configs, written out: planning a model before downloading it.
 REAL_CONFIGS = {

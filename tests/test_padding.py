@@ -9,7 +9,7 @@ from moeq.inventory import inventory_from_checkpoint, inventory_from_config
 from moeq.padding import PaddingError, pad_plan, pad_target, pad_tensor, padded_config
 from moeq.quant_format import QuantFormat, rtn
 
-from conftest import DATA, FIXTURES, TINY_CONFIGS
+from support import DATA, FIXTURES, TINY_CONFIGS
 
 QWEN = FIXTURES / "tiny-qwen2-moe"  # hidden 256, 16 experts of 256, shared expert 512, 4 layers
 

@@ -13,7 +13,7 @@ from moeq.quant_format import QuantFormat, rtn
 from moeq.recipe import load_recipe
 from moeq.shards import ShardReader, weight_slot
 
-from conftest import DATA, FIXTURES, TINY_CONFIGS
+from support import DATA, FIXTURES, TINY_CONFIGS
 
 
 def _resident_layer(model_dir, recipe, overrides=(), layer_index=0, tokens=(16, 128), seed=0):

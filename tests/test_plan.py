@@ -6,7 +6,7 @@ from moeq.inventory import inventory_from_checkpoint
 from moeq.plan import make_plan, render_plan
 from moeq.recipe import load_recipe
 
-from conftest import FIXTURES, TINY_CONFIGS
+from support import FIXTURES, TINY_CONFIGS
 
 
 def _recipe(tmp_path, text):

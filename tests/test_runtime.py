@@ -8,7 +8,7 @@ import torch
 import moeq
 from moeq.runtime import KernelExperts, KernelLinear
 
-from conftest import quantize_demo_for_kernels
+from support import quantize_demo_for_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs CPU tensors only in its interpreter
 

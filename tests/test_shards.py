@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from moeq.inventory import inventory_from_checkpoint
 from moeq.shards import ShardReader, weight_slot
 
-from conftest import FIXTURES, TINY_CONFIGS
+from support import FIXTURES, TINY_CONFIGS
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
