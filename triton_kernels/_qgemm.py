@@ -11,8 +11,8 @@ fp32 partial sums with atomics: that keeps HBM busy when there are few output ti
 import triton
 import triton.language as tl
 
-from .packing import (join_slices, kernel_words, load_scale_zero, slice_k_offsets, unpack_offset,
-                      unpack_slice)
+from .packing import (TILE_K, join_slices, k_tile_offset, kernel_words, load_scale_zero, slice_k_offsets,
+                      unpack_offset, unpack_slice, weight_tile_ptrs)
 
 EPILOGUE_STORE = 0  # C = acc (+ bias); fp32 atomics when SPLIT_K > 1
 EPILOGUE_SILU_MUL = 1  # W rows interleaved gate/up: C[:, n // 2] = silu(acc[:, n]) * acc[:, n + 1]
@@ -71,7 +71,7 @@ def _qgemm_kernel(
     # sizes
     N, K, K_PADDED, num_rows, num_m_blocks, a_div, c_div,
     # strides (the last dimension of every tensor is contiguous)
-    stride_am, stride_we, stride_wn, stride_se, stride_sg, stride_cm,
+    stride_am, stride_we, stride_wt, stride_se, stride_sg, stride_cm,
     # constexpr
     BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, ZERO: tl.constexpr, EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -79,7 +79,7 @@ def _qgemm_kernel(
     K_UNROLL: tl.constexpr, UNPACK_ASM: tl.constexpr, EVEN_K: tl.constexpr, JOIN_SLICES: tl.constexpr,
     SUB_ZERO: tl.constexpr,
 ):
-    # A: [*, K] fp16/bf16   W: packed words [E, N, Kp/4] int16 (int4) or bytes [E, N, Kp] (int8)
+    # A: [*, K] fp16/bf16   W: packed words of kernel_words(packed) (tiles of TILE_N rows x TILE_K k)
     # C: [*, N] (or [*, N/2] for SILU_MUL)
     # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset; ZERO: see load_scale_zero
     # K_UNROLL: K tiles per iteration of the pipelined loop (Triton unrolls it), so their loads issue together
@@ -131,7 +131,7 @@ def _qgemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     a_rows = a_ptr + (rows // a_div).to(tl.int64)[:, None] * stride_am
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + tl.arange(0, KW)[None, :]
+    w_ptrs = weight_tile_ptrs(w_ptr + expert * stride_we, offs_n, stride_wt, BITS, BLOCK_K)  # [BLOCK_N, KW]
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
 
@@ -153,7 +153,7 @@ def _qgemm_kernel(
     asum = tl.zeros((BLOCK_M, KW), dtype=tl.float32)  # the open group's activations, summed over slices
     for kt in tl.range(kt_lo, kt_hi, loop_unroll_factor=K_UNROLL):
         k0 = kt * BLOCK_K
-        raw = tl.load(w_ptrs + k0 // SLICES, mask=n_mask[:, None], other=0)  # [BLOCK_N, KW] words
+        raw = tl.load(w_ptrs + k_tile_offset(k0, BITS), mask=n_mask[:, None], other=0)  # [BLOCK_N, KW] words
         if TILE_GROUP:
             g_next = min(kt + 1, kt_hi - 1) * BLOCK_K // GROUP_K
             s_next, zo_next = load_scale_zero(s_ptrs + g_next * stride_sg, z_ptrs + g_next * stride_sg, n_mask,
@@ -226,6 +226,8 @@ def block_k_for(group_size: int, per_channel: bool, bits: int, block_k: int) -> 
     int8 tiles need BLOCK_K <= group_size.
     """
     min_k = 64 if bits == 4 else 16
+    if block_k > TILE_K:
+        raise ValueError(f"block_k={block_k} exceeds the stored weight tiles' {TILE_K} k (packing.TILE_K)")
     if per_channel:
         return max(block_k, min_k)
     if group_size < 32 or group_size & (group_size - 1):

@@ -11,7 +11,8 @@ import triton.language as tl
 
 from ._qgemm import block_k_for
 from .packing import (
-    ACT_DTYPES, PackedExperts, kernel_words, load_scale_zero, slice_k_offsets, unpack_offset, unpack_slice,
+    ACT_DTYPES, PackedExperts, k_tile_offset, kernel_words, load_scale_zero, slice_k_offsets, unpack_offset,
+    unpack_slice, weight_tile_ptrs,
 )
 
 BLOCK_N = 64
@@ -25,27 +26,26 @@ def _dequant_kernel(
     # sizes
     N, K, first_expert,
     # strides (the last dimension of every tensor is contiguous)
-    stride_we, stride_wn, stride_se, stride_sg, stride_oe, stride_on,
+    stride_we, stride_wt, stride_se, stride_sg, stride_oe, stride_on,
     # constexpr
     BITS: tl.constexpr, GROUP_K: tl.constexpr, OFFSET: tl.constexpr, ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, UNPACK_ASM: tl.constexpr,
 ):
-    # W: packed words [E, N, Kp/4] int16 (int4) or bytes [E, N, Kp] (int8)   s, z: [E, Gp, N]
+    # W: kernel_words(packed) (tiles of TILE_N rows x TILE_K k)   s, z: [E, Gp, N]
     # out: [E', N, K], expert first_expert + e
     # out = DT((q - z) * s), computed in fp32: q - z and its product with an fp16 scale are exact there,
     # so the only rounding is the final cast (bitwise what packing.dequantize(...).to(DT) gives).
     # GROUP_K: group size, 0 for per-channel; OFFSET: see packing.unpack_offset; ZERO: see load_scale_zero
     DT: tl.constexpr = out_ptr.dtype.element_ty
     SLICES: tl.constexpr = 4 if BITS == 4 else 1
-    KW: tl.constexpr = BLOCK_K // SLICES  # words of a row of the weight tile
     e = tl.program_id(0)
     expert = (first_expert + e).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k0 = tl.program_id(2) * BLOCK_K
     # K is padded to a multiple of every BLOCK_K in packed storage: the word tile never needs a K mask
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + k0 // SLICES + tl.arange(0, KW)[None, :]
-    raw = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, KW]
+    w_ptrs = weight_tile_ptrs(w_ptr + expert * stride_we, offs_n, stride_wt, BITS, BLOCK_K) + k_tile_offset(k0, BITS)
+    raw = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / slices]
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
     if GROUP_K == 0:

@@ -7,10 +7,14 @@ Input (moeq's quantizer output, per expert weight):
     W[e, n, k] = (q - zeros[e, n, k // gs]) * scales[e, n, k // gs]
 
 Packed layout (`PackedExperts`), built once at load time, never per call:
-    qweight uint8   [E, N, Kp * bits / 8]  K-contiguous bytes. int8: byte k holds k. int4: in each
-                                           chunk of 64 k, the little-endian 16-bit word j (j < 16)
-                                           holds k = j + 16 s in its bits 4s..4s+3 (s = 0..3), so
-                                           byte 2j holds k = j, j + 16 and byte 2j + 1 k = j + 32, j + 48.
+    qweight uint8   [E, Np / TILE_N, Kp / TILE_K, TILE_N, TILE_K * bits / 8]
+                                           tiles of TILE_N rows x TILE_K k, each contiguous (8 KB int4,
+                                           16 KB int8), rows padded to Np with zeros. A row of a tile is
+                                           K-contiguous bytes (`packed_rows` gives the [E, N, Kp * bits / 8]
+                                           view). int8: byte k holds k. int4: in each chunk of 64 k, the
+                                           little-endian 16-bit word j (j < 16) holds k = j + 16 s in its
+                                           bits 4s..4s+3 (s = 0..3), so byte 2j holds k = j, j + 16 and
+                                           byte 2j + 1 k = j + 32, j + 48.
     scales  float16 [E, Gp, N]             N-contiguous: a tile's scales are one coalesced row
     zeros   uint8   [E, Gp, N]
 Why this int4 order: the GEMM reads a K tile as 16-bit words and takes it apart into four slices, slice s
@@ -23,6 +27,9 @@ the bottleneck (L1 at 84%, DRAM at 22%) on an H100. `join_slices` joins them onl
 tile is the shared-memory operand of the MMA anyway (prefill tiles without swap). A register of the MMA
 operand holds two neighbouring words, so on the GPU one 32-bit shift and one LOP3 give two weights
 (`unpack_slice`); a byte layout needed twice the instructions.
+Why tiles: a GEMM program streams one 128-row block of weights along K, and a row-major [N, K] array
+served each of its K tiles as 128 runs of 64 bytes 2 to 7 KB apart. Read the same way, tile-major storage
+(each K tile one run) streamed 1.2-1.45x faster on an H100 (run 35 of benchmarks/kernels_v2_h100.txt).
 K is padded to Kp, a multiple of K_ALIGN, with q = zeros = scales = 0, so padded weights are exactly
 zero and the kernels never mask weight loads along K (only the activations, which stop at K).
 With `gate_up=True` the rows of a fused w13 [E, 2I, H] (gate rows 0..I-1, up rows I..2I-1) are
@@ -36,8 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-# K is padded to a multiple of this, the largest BLOCK_K a config may use.
+# K is padded to a multiple of this.
 K_ALIGN = 256
+# Rows and k of a stored weight tile; a GEMM's BLOCK_K may not exceed TILE_K (its K tile lies in one stored tile).
+TILE_N = 128
+TILE_K = 128
+_TILE_N = tl.constexpr(TILE_N)
+_TILE_K = tl.constexpr(TILE_K)
 SUPPORTED_BITS = (4, 8)
 ACT_DTYPES = (torch.float16, torch.bfloat16)  # the activation (and dequantized weight) dtypes
 
@@ -46,12 +58,13 @@ ACT_DTYPES = (torch.float16, torch.bfloat16)  # the activation (and dequantized 
 class PackedExperts:
     """Quantized weights of E experts (E == 1 for a dense linear layer), in kernel layout."""
 
-    qweight: torch.Tensor  # uint8   [E, N, Kp * bits // 8]
+    qweight: torch.Tensor  # uint8   [E, Np / TILE_N, Kp / TILE_K, TILE_N, TILE_K * bits // 8]
     scales: torch.Tensor  # float16 [E, Gp, N]
     zeros: torch.Tensor  # uint8   [E, Gp, N]
     bits: int
     group_size: int  # == k for per-channel
     k: int  # unpadded reduction size
+    n: int  # unpadded rows
     gate_up: bool = False  # rows interleaved gate/up (see module docstring)
     symmetric: bool = False  # every zero point is 2**(bits - 1): the kernels use the constant, not the zeros
 
@@ -65,12 +78,8 @@ class PackedExperts:
         return self.qweight.shape[0]
 
     @property
-    def n(self) -> int:
-        return self.qweight.shape[1]
-
-    @property
     def k_padded(self) -> int:
-        return self.qweight.shape[2] * 8 // self.bits
+        return self.qweight.shape[2] * TILE_K
 
     @property
     def per_channel(self) -> bool:
@@ -120,26 +129,29 @@ def pack_experts(q, scales, zeros, bits: int, group_size: int, *, gate_up: bool 
     if gate_up:
         scales, zeros = _interleave_rows(scales), _interleave_rows(zeros)
     Kp = -(-K // K_ALIGN) * K_ALIGN
-    qweight = torch.empty(E, N, Kp * bits // 8, dtype=torch.uint8, device=q.device)
-    step = max(1, (1 << 28) // (N * Kp))  # experts per chunk: bounds the temporaries at 256 MB
+    Np = -(-N // TILE_N) * TILE_N
+    row_bytes = TILE_K * bits // 8
+    qweight = torch.empty(E, Np // TILE_N, Kp // TILE_K, TILE_N, row_bytes, dtype=torch.uint8, device=q.device)
+    step = max(1, (1 << 28) // (Np * Kp))  # experts per chunk: bounds the temporaries at 256 MB
     for e0 in range(0, E, step):
         qc = q[e0 : e0 + step]
         qc = _interleave_rows(qc) if gate_up else qc
-        qp = torch.zeros(qc.shape[0], N, Kp, dtype=torch.uint8, device=q.device)
-        qp[:, :, :K] = qc
+        e = qc.shape[0]
+        qp = torch.zeros(e, Np, Kp, dtype=torch.uint8, device=q.device)
+        qp[:, :N, :K] = qc
         if bits == 4:  # [.., chunk, slice s, j] -> byte 2j from slices 0 and 1, byte 2j + 1 from 2 and 3
-            sl = qp.reshape(qc.shape[0], N, Kp // 64, 4, 16)
+            sl = qp.reshape(e, Np, Kp // 64, 4, 16)
             pairs = (sl[:, :, :, 0::2] | (sl[:, :, :, 1::2] << 4))  # [.., chunk, byte of the word, j]
-            qp = pairs.transpose(-1, -2).reshape(qc.shape[0], N, Kp // 2)
-        qweight[e0 : e0 + step] = qp
+            qp = pairs.transpose(-1, -2).reshape(e, Np, Kp // 2)
+        # [e, Np, Kp bytes] -> [e, row tile, k tile, row, byte]
+        qweight[e0 : e0 + step] = qp.reshape(e, Np // TILE_N, TILE_N, Kp // TILE_K, row_bytes).transpose(2, 3)
     Gp = 1 if G == 1 else -(-Kp // group_size)
     sp = torch.zeros(E, Gp, N, dtype=torch.float16, device=q.device)
     zp = torch.zeros(E, Gp, N, dtype=torch.uint8, device=q.device)
     sp[:, :G] = scales.transpose(1, 2)
     zp[:, :G] = zeros.transpose(1, 2)
     symmetric = bool((zeros == 1 << (bits - 1)).all())
-    return PackedExperts(qweight.contiguous(), sp.contiguous(), zp.contiguous(), bits, group_size, K, gate_up,
-                         symmetric)
+    return PackedExperts(qweight, sp.contiguous(), zp.contiguous(), bits, group_size, K, N, gate_up, symmetric)
 
 
 def pack_linear(q, scales, zeros, bits: int, group_size: int) -> PackedExperts:
@@ -147,9 +159,16 @@ def pack_linear(q, scales, zeros, bits: int, group_size: int) -> PackedExperts:
     return pack_experts(q[None], scales[None], zeros[None], bits, group_size)
 
 
+def packed_rows(packed: PackedExperts) -> torch.Tensor:
+    """qweight as rows: uint8 [E, N, Kp * bits // 8] (a copy), row n holding the bytes of packed row n."""
+    E, row_tiles, k_tiles, rows, row_bytes = packed.qweight.shape
+    rows = packed.qweight.transpose(2, 3).reshape(E, row_tiles * rows, k_tiles * row_bytes)
+    return rows[:, : packed.n]
+
+
 def _unpack_slots(packed: PackedExperts) -> torch.Tensor:
     """uint8 [E, N, K] of the stored integers, natural k order, packed row order."""
-    qw = packed.qweight
+    qw = packed_rows(packed)
     if packed.bits == 4:
         E, N, B = qw.shape
         pairs = qw.reshape(E, N, B // 32, 16, 2).transpose(-1, -2)  # [.., chunk, byte of the word, j]
@@ -182,8 +201,26 @@ def unpack_offset(bits: int, dtype: torch.dtype) -> float:
 
 
 def kernel_words(packed: PackedExperts) -> torch.Tensor:
-    """qweight as the GEMM kernels read it: int16 words [E, N, Kp / 4] for int4, the bytes for int8."""
+    """qweight as the GEMM kernels read it: int16 words (int4: the last dimension halves), the bytes for int8.
+    Its strides 0 and 1 are the stride_we / stride_wt of weight_tile_ptrs."""
     return packed.qweight.view(torch.int16) if packed.bits == 4 else packed.qweight
+
+
+@triton.jit
+def weight_tile_ptrs(w_ptr, offs_n, stride_wt, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K / slices] pointers to the words of rows offs_n of one expert's K tile at k = 0, in
+    kernel_words(packed) (w_ptr at the expert, stride_wt its stride 1); add k_tile_offset(k0) for the tile at k0."""
+    ROW: tl.constexpr = _TILE_K // 4 if BITS == 4 else _TILE_K  # words of a stored tile's row
+    rows = (offs_n // _TILE_N).to(tl.int64) * stride_wt + (offs_n % _TILE_N) * ROW
+    return w_ptr + rows[:, None] + tl.arange(0, BLOCK_K // 4 if BITS == 4 else BLOCK_K)[None, :]
+
+
+@triton.jit
+def k_tile_offset(k0, BITS: tl.constexpr):
+    """Words from weight_tile_ptrs' K tile at k = 0 to the one at k0 (a multiple of BLOCK_K <= TILE_K)."""
+    ROW: tl.constexpr = _TILE_K // 4 if BITS == 4 else _TILE_K
+    kt = k0 // _TILE_K
+    return kt * (_TILE_N * ROW) + (k0 - kt * _TILE_K) // (4 if BITS == 4 else 1)
 
 
 # unpack_slice's PTX: $1 holds two neighbouring words, $2 the exponent bits of OFFSET twice; $0 gets the

@@ -10,7 +10,7 @@ from triton_kernels.configs import (
     get_config,
     use_dequant,
 )
-from triton_kernels.packing import K_ALIGN, SUPPORTED_BITS
+from triton_kernels.packing import SUPPORTED_BITS, TILE_K
 
 
 def _power_of_two(n):
@@ -24,7 +24,7 @@ def test_tuned_entries_are_launchable(key):
     for bucket, cfg in TUNED[key].items():
         assert bucket >= 1
         assert all(_power_of_two(b) for b in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k))
-        assert cfg.block_m >= 16 and cfg.block_k <= K_ALIGN  # MMA minimum; K is padded to K_ALIGN
+        assert cfg.block_m >= 16 and cfg.block_k <= TILE_K  # MMA minimum; a K tile lies in one stored tile
         assert cfg.num_warps in (4, 8) and cfg.num_stages >= 2
 
 

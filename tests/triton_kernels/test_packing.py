@@ -5,7 +5,8 @@ import triton.language as tl
 from _quant import dequant_reference, random_quantized
 
 from triton_kernels.packing import (
-    K_ALIGN, dequantize, kernel_words, pack_experts, pack_linear, slice_k_offsets, unpack_offset, unpack_q,
+    K_ALIGN, TILE_K, TILE_N, dequantize, k_tile_offset, kernel_words, pack_experts, pack_linear, packed_rows,
+    slice_k_offsets, unpack_offset, unpack_q, weight_tile_ptrs,
     unpack_slice,
 )
 
@@ -18,7 +19,8 @@ def test_pack_roundtrip_exact(bits, K, group_size, gate_up):
     q, s, z = random_quantized(3, 10, K, bits, group_size, sym=False, generator=g)
     p = pack_experts(q, s, z, bits, group_size, gate_up=gate_up)
     Kp = -(-K // K_ALIGN) * K_ALIGN
-    assert p.qweight.dtype == torch.uint8 and p.qweight.shape == (3, 10, Kp * bits // 8)
+    assert p.qweight.dtype == torch.uint8 and p.qweight.shape == (3, 1, Kp // TILE_K, TILE_N, TILE_K * bits // 8)
+    assert packed_rows(p).shape == (3, 10, Kp * bits // 8)
     assert p.k == K and p.k_padded == Kp and p.n == 10 and p.num_experts == 3
     assert torch.equal(unpack_q(p), q)
     assert torch.equal(dequantize(p), dequant_reference(q, s, z, group_size))
@@ -29,8 +31,8 @@ def test_gate_up_rows_interleaved():
     p = pack_experts(q, s, z, 4, 32, gate_up=True)
     plain = pack_experts(q, s, z, 4, 32)
     # packed row 2i is gate row i, packed row 2i+1 is up row I+i
-    assert torch.equal(p.qweight[:, 0::2], plain.qweight[:, :4])
-    assert torch.equal(p.qweight[:, 1::2], plain.qweight[:, 4:])
+    assert torch.equal(packed_rows(p)[:, 0::2], packed_rows(plain)[:, :4])
+    assert torch.equal(packed_rows(p)[:, 1::2], packed_rows(plain)[:, 4:])
     assert torch.equal(p.scales[:, :, 1::2], plain.scales[:, :, 4:])
 
 
@@ -38,7 +40,7 @@ def test_nibble_order():
     # int4: in each chunk of 64 k, byte 2j holds k = j (low nibble) and j + 16 (high), byte 2j + 1 holds
     # k = j + 32 and j + 48; K padding holds zeros
     q, s, z = random_quantized(1, 3, 100, 4, 64, sym=True)
-    b = pack_experts(q, s, z, 4, 64).qweight[0].long()  # [3, 128]: K padded to 256
+    b = packed_rows(pack_experts(q, s, z, 4, 64))[0].long()  # [3, 128]: K padded to 256
     q = torch.nn.functional.pad(q[0].long(), (0, 28))  # [3, 128]
     for chunk in range(2):
         for j in range(16):
@@ -47,6 +49,19 @@ def test_nibble_order():
             assert torch.equal(lo & 15, q[:, k]) and torch.equal(lo >> 4, q[:, k + 16])
             assert torch.equal(hi & 15, q[:, k + 32]) and torch.equal(hi >> 4, q[:, k + 48])
     assert torch.all(b[:, 64:] == 0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiles_are_contiguous_blocks_of_rows(bits):
+    # stored tile (e, i, j) is rows 128 i.. and k 128 j.. of the row layout; rows past N are zeros
+    q, s, z = random_quantized(2, 200, 300, bits, 64, sym=False)
+    p = pack_experts(q, s, z, bits, 64)
+    rows, qw = packed_rows(p), p.qweight
+    assert qw.shape == (2, 2, 4, TILE_N, TILE_K * bits // 8) and qw.is_contiguous()  # K padded to 512
+    rb = TILE_K * bits // 8
+    for i, j in ((0, 0), (1, 3), (0, 1)):
+        assert torch.equal(qw[:, i, j, : 200 - TILE_N * i], rows[:, TILE_N * i : TILE_N * (i + 1), rb * j : rb * (j + 1)])
+    assert torch.all(qw[:, 1, :, 200 - TILE_N :] == 0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -84,29 +99,33 @@ def test_pack_rejects_bad_input(change, match):
 
 
 @triton.jit
-def _read_tile(w_ptr, out_ptr, stride_wn, offset, BITS: tl.constexpr, BLOCK_K: tl.constexpr, N: tl.constexpr,
-               DT: tl.constexpr, ASM: tl.constexpr):
-    # out[n, k] = q[n, k] for k < BLOCK_K, read the way the GEMM reads a K tile (four slices for int4)
+def _read_tiles(w_ptr, out_ptr, stride_wt, offset, BITS: tl.constexpr, BLOCK_K: tl.constexpr, N: tl.constexpr,
+                K: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    # out[n, k] = q[n, k] for n < N, k < K, read the way the GEMM reads its K tiles (four slices for int4)
     SLICES: tl.constexpr = 4 if BITS == 4 else 1
     n = tl.arange(0, N)
-    raw = tl.load(w_ptr + n[:, None] * stride_wn + tl.arange(0, BLOCK_K // SLICES)[None, :])
-    for sl in tl.static_range(SLICES):
-        q = (unpack_slice(raw, sl, BITS, DT, ASM).to(tl.float32) - offset).to(tl.int32)
-        tl.store(out_ptr + n[:, None] * BLOCK_K + slice_k_offsets(0, BITS, sl, BLOCK_K)[None, :], q)
+    w_ptrs = weight_tile_ptrs(w_ptr, n, stride_wt, BITS, BLOCK_K)
+    for k0 in tl.range(0, K, BLOCK_K):
+        raw = tl.load(w_ptrs + k_tile_offset(k0, BITS))
+        for sl in tl.static_range(SLICES):
+            q = (unpack_slice(raw, sl, BITS, DT, ASM).to(tl.float32) - offset).to(tl.int32)
+            tl.store(out_ptr + n[:, None] * K + slice_k_offsets(k0, BITS, sl, BLOCK_K)[None, :], q)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_kernel_reader_matches_unpack(bits, dtype, device):
-    # the device-side reader (kernel_words, unpack_slice, slice_k_offsets) recovers every stored integer
-    # exactly, with the inline PTX on the GPU and the plain integer ops everywhere
-    q, s, z = random_quantized(1, 16, 128, bits, 64, sym=False, device=device)
+    # the device-side reader (kernel_words, weight_tile_ptrs, k_tile_offset, unpack_slice, slice_k_offsets)
+    # recovers every stored integer exactly, across two row tiles and two k tiles, with 64- and 128-k tiles,
+    # with the inline PTX on the GPU and the plain integer ops everywhere
+    q, s, z = random_quantized(1, 256, 256, bits, 64, sym=False, device=device)
     p = pack_experts(q, s, z, bits, 64)
     words = kernel_words(p)
     assert words.dtype == (torch.int16 if bits == 4 else torch.uint8)
     dt = tl.float16 if dtype == torch.float16 else tl.bfloat16
     for asm in (False, True) if device == "cuda" else (False,):
-        out = torch.empty(16, 128, dtype=torch.int32, device=device)
-        _read_tile[(1,)](words[0], out, words.stride(1), unpack_offset(bits, dtype), BITS=bits, BLOCK_K=128, N=16,
-                         DT=dt, ASM=asm)
-        assert torch.equal(out.to(torch.uint8), q[0]), f"asm={asm}"
+        for block_k in (64, 128):
+            out = torch.empty(256, 256, dtype=torch.int32, device=device)
+            _read_tiles[(1,)](words[0], out, words.stride(1), unpack_offset(bits, dtype), BITS=bits, BLOCK_K=block_k,
+                              N=256, K=256, DT=dt, ASM=asm)
+            assert torch.equal(out.to(torch.uint8), q[0]), f"asm={asm} block_k={block_k}"
