@@ -33,38 +33,38 @@ def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None, u
 
 
 # From `scripts/bench_kernels.py --sweep` on an H100 (int4); benchmarks/kernels.md has the numbers behind them.
-# Session 9 (runs 32-33 of kernels_v2_h100.txt, symmetric weights read with the constant zero point): 1-64
-# tokens for all three blocks, 256-4096 where a block has more than 32 rows per expert (Mixtral 256-4096, Qwen3
-# 1024-4096, DeepSeek 4096). Qwen3 at 256 and DeepSeek at 256/1024 tokens are session 5's (run 21), 16-32-row
-# tiles of the kind the decode sweeps still pick.
+# Session 11 (run 37 of kernels_v2_h100.txt, tile-major weights): 1-64 tokens for all three blocks. Session 9
+# (runs 32-33, row-major weights, symmetric weights read with the constant zero point): 256-4096 where a block has
+# more than 32 rows per expert (Mixtral 256-4096, Qwen3 1024-4096, DeepSeek 4096). Qwen3 at 256 and DeepSeek at
+# 256/1024 tokens are session 5's (run 21), 16-32-row tiles of the kind the decode sweeps still pick.
 TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
     ('NVIDIA H100 80GB HBM3', 8, 28672, 4096, 4): {  # Mixtral-8x7B gate/up
-        1: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
-        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
-        64: _c(16, 128, 128, swap=True, int_mma=True, sub=True),
+        1: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
+        64: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
         256: _c(64, 256, 64, w=8, s=3, swap=True),
         1024: _c(64, 256, 64, w=8, s=3, swap=True),
         4096: _c(128, 256, 128, w=8, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 8, 4096, 14336, 4): {  # Mixtral-8x7B down
         1: _c(16, 128, 128, sk=8, s=3, swap=True, int_mma=True, sub=True),
-        16: _c(16, 128, 128, sk=8, s=3, swap=True, int_mma=True, sub=True),
+        16: _c(16, 128, 128, sk=2, s=3, swap=True, int_mma=True, sub=True),
         64: _c(16, 128, 128, sk=8, s=3, swap=True, int_mma=True, sub=True),
         256: _c(64, 128, 128, sk=2, swap=True),
         1024: _c(128, 128, 128, sk=2, s=3, swap=True),
         4096: _c(128, 128, 64, sk=2, w=8, s=3, join=True),
     },
     ('NVIDIA H100 80GB HBM3', 128, 1536, 2048, 4): {  # Qwen3-30B-A3B gate/up
-        1: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
-        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
-        64: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
+        1: _c(16, 128, 128, swap=True, int_mma=True),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True),
+        64: _c(16, 128, 128, s=3, swap=True, int_mma=True),
         256: _c(16, 128, 128, s=3, swap=True, int_mma=True),
         1024: _c(64, 256, 64, w=8, s=3, swap=True),
         4096: _c(64, 256, 64, w=8, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 128, 2048, 768, 4): {  # Qwen3-30B-A3B down
-        1: _c(16, 128, 128, sk=2, s=3, swap=True, int_mma=True, sub=True),
-        16: _c(16, 128, 128, sk=2, s=3, swap=True, int_mma=True, sub=True),
+        1: _c(16, 64, 128, sk=2, s=3, swap=True, int_mma=True, regs=80),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
         64: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
         256: _c(16, 128, 128, swap=True),
         1024: _c(64, 128, 64, swap=True),
@@ -72,16 +72,16 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
     },
     ('NVIDIA H100 80GB HBM3', 256, 4096, 7168, 4): {  # DeepSeek-V3 gate/up
         1: _c(16, 128, 128, swap=True, int_mma=True, sub=True),
-        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
-        64: _c(16, 128, 128, s=3, swap=True, int_mma=True, regs=128, unroll=2),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
+        64: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
         256: _c(16, 128, 128, swap=True, int_mma=True),
         1024: _c(32, 128, 128, s=3, swap=True, int_mma=True),
         4096: _c(64, 256, 64, w=8, s=3, swap=True),
     },
     ('NVIDIA H100 80GB HBM3', 256, 7168, 2048, 4): {  # DeepSeek-V3 down
-        1: _c(16, 128, 128, sk=8, swap=True, int_mma=True),
-        16: _c(16, 128, 128, sk=4, swap=True, int_mma=True),
-        64: _c(16, 128, 128, sk=4, swap=True, int_mma=True),
+        1: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
+        16: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
+        64: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
         256: _c(16, 128, 128, swap=True),
         1024: _c(32, 128, 128, swap=True),
         4096: _c(128, 128, 64, w=8, s=3, join=True),
