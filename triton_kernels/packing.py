@@ -29,7 +29,8 @@ operand holds two neighbouring words, so on the GPU one 32-bit shift and one LOP
 (`unpack_slice`); a byte layout needed twice the instructions.
 Why tiles: a GEMM program streams one 128-row block of weights along K, and a row-major [N, K] array
 served each of its K tiles as 128 runs of 64 bytes 2 to 7 KB apart. Read the same way, tile-major storage
-(each K tile one run) streamed 1.2-1.45x faster on an H100 (run 35 of benchmarks/kernels_v2_h100.txt).
+(each K tile one run) streamed 1.2-1.45x faster on an H100 (run 35 of benchmarks/kernels_v2_h100.txt), and
+the fused MoE block decoded 1.04-1.27x faster with the same configs (run 36).
 K is padded to Kp, a multiple of K_ALIGN, with q = zeros = scales = 0, so padded weights are exactly
 zero and the kernels never mask weight loads along K (only the activations, which stop at K).
 With `gate_up=True` the rows of a fused w13 [E, 2I, H] (gate rows 0..I-1, up rows I..2I-1) are
