@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-# K is padded to a multiple of this.
+# K is padded to a multiple of this, itself a multiple of TILE_K (which is all the tiles need; 256 is from
+# before them, when it was the largest BLOCK_K).
 K_ALIGN = 256
 # Rows and k of a stored weight tile; a GEMM's BLOCK_K may not exceed TILE_K (its K tile lies in one stored tile).
 TILE_N = 128
