@@ -4,6 +4,7 @@
 [T, k], top_k_weights [T, k]); `KernelLinear` replaces an nn.Linear. Both hold their weights repacked
 once, at load time, into the kernels' layout. A layer whose experts do not share one 4- or 8-bit scheme
 (or whose activation is not SiLU) keeps the dequantized reference modules, and the loader says so.
+A per-channel format (group_size -1) goes to the kernels as one group as wide as K (QuantFormat.group_width).
 """
 
 from __future__ import annotations
@@ -53,18 +54,20 @@ def kernel_experts(experts: dict[tuple[int, str], QuantizedTensor], num_experts:
     fmt = next(iter(formats))
     gate_up = [QuantizedTensor(*(torch.cat([getattr(experts[(e, "gate")], p), getattr(experts[(e, "up")], p)])
                                  for p in ("q", "scales", "zeros")), fmt) for e in range(num_experts)]
-    w13 = pack_experts(*_stack(gate_up, device), fmt.bits, fmt.group_size, gate_up=True)
-    w2 = pack_experts(*_stack([experts[(e, "down")] for e in range(num_experts)], device), fmt.bits, fmt.group_size)
+    q13, q2 = _stack(gate_up, device), _stack([experts[(e, "down")] for e in range(num_experts)], device)
+    w13 = pack_experts(*q13, fmt.bits, fmt.group_width(q13[0].shape[-1]), gate_up=True)
+    w2 = pack_experts(*q2, fmt.bits, fmt.group_width(q2[0].shape[-1]))
     return KernelExperts(w13, w2)
 
 
 def kernel_linear(quantized: QuantizedTensor, bias: torch.Tensor | None, device) -> KernelLinear | None:
     from triton_kernels.packing import pack_linear
 
-    if quantized.fmt.bits not in KERNEL_BITS:
+    fmt = quantized.fmt
+    if fmt.bits not in KERNEL_BITS:
         return None
     q, scales, zeros = (t.to(device) for t in (quantized.q, quantized.scales, quantized.zeros))
-    return KernelLinear(pack_linear(q, scales, zeros, quantized.fmt.bits, quantized.fmt.group_size), bias)
+    return KernelLinear(pack_linear(q, scales, zeros, fmt.bits, fmt.group_width(q.shape[-1])), bias)
 
 
 def swap_in_kernels(layer: torch.nn.Module, layer_tensors: list[TensorInfo], packed_of, slot_of, num_experts: int,

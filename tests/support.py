@@ -50,16 +50,20 @@ def make_tiny_checkpoint(kind: str, out: Path) -> Path:
     return out
 
 
-def quantize_demo_for_kernels(out: Path) -> Path:
-    """The embedded demo-mixtral quantized into out with both kernel weight formats: attention int4 g32
-    asymmetric, experts int4 g128 symmetric (8 x 64 calibration tokens, on the CPU). Returns out."""
+# overrides of the mixtral recipe: attention int4 g32 asymmetric, so that one checkpoint holds both int4 kernel
+# weight formats (the experts stay int4 g128 symmetric)
+ATTENTION_INT4_G32_ASYM = ["rules.0.bits=4", "rules.0.group_size=32", "rules.0.sym=false"]
+
+
+def quantize_demo_for_kernels(out: Path, overrides: list[str] = ATTENTION_INT4_G32_ASYM) -> Path:
+    """The embedded demo-mixtral quantized into out with the mixtral recipe and these overrides (the recipe
+    as shipped has attention int8 per channel); 8 x 64 calibration tokens, on the CPU. Returns out."""
     from moeq.inventory import inventory_from_checkpoint
     from moeq.plan import make_plan
     from moeq.quantize import QuantizeConfig, quantize_model
     from moeq.recipe import load_recipe
 
-    plan = make_plan(inventory_from_checkpoint(EXAMPLES / "demo-mixtral"),
-                     load_recipe("mixtral", ["rules.0.bits=4", "rules.0.group_size=32", "rules.0.sym=false"]))
+    plan = make_plan(inventory_from_checkpoint(EXAMPLES / "demo-mixtral"), load_recipe("mixtral", overrides))
     quantize_model(plan, QuantizeConfig(calib=EXAMPLES / "calib.txt", out=out, calib_samples=8, seq_len=64,
                                         device="cpu"), log=lambda *a: None)
     return out

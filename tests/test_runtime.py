@@ -5,7 +5,6 @@ perplexity within 0.2%."""
 
 import pytest
 import torch
-
 from transformers import AutoTokenizer
 
 import moeq
@@ -13,14 +12,16 @@ from moeq.calibration import evaluation_windows, read_token_stream
 from moeq.evaluate import model_perplexity
 from moeq.runtime import KernelExperts, KernelLinear
 
-from support import EXAMPLES, quantize_demo_for_kernels
+from support import ATTENTION_INT4_G32_ASYM, EXAMPLES, quantize_demo_for_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs CPU tensors only in its interpreter
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return quantize_demo_for_kernels(tmp_path_factory.mktemp("rt") / "q")
+@pytest.fixture(scope="module", params=[ATTENTION_INT4_G32_ASYM, []], ids=["attn-int4-g32", "mixtral-recipe"])
+def checkpoint(request, tmp_path_factory):
+    """The demo quantized with both int4 formats, or with the mixtral recipe as shipped (attention int8 per
+    channel: group_size -1 in the checkpoint)."""
+    return quantize_demo_for_kernels(tmp_path_factory.mktemp("rt") / "q", request.param)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def test_kernel_modules_replace_every_quantized_module(models):
     _, kernels = models
     for layer in kernels.model.layers:
         assert isinstance(layer.mlp.experts, KernelExperts)
-        assert all(isinstance(getattr(layer.self_attn, p), KernelLinear) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        attention = (getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        assert all(isinstance(module, KernelLinear) for module in attention)
         assert not isinstance(layer.mlp.gate, KernelLinear)  # the router stays as stored
 
 
