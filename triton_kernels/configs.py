@@ -33,10 +33,11 @@ def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None, u
 
 
 # From `scripts/bench_kernels.py --sweep` on an H100 (int4); benchmarks/kernels.md has the numbers behind them.
-# Session 11 (run 37 of kernels_v2_h100.txt, tile-major weights): 1-64 tokens for all three blocks. Session 9
-# (runs 32-33, row-major weights, symmetric weights read with the constant zero point): 256-4096 where a block has
-# more than 32 rows per expert (Mixtral 256-4096, Qwen3 1024-4096, DeepSeek 4096). Qwen3 at 256 and DeepSeek at
-# 256/1024 tokens are session 5's (run 21), 16-32-row tiles of the kind the decode sweeps still pick.
+# Session 11 (run 37 of kernels_v2_h100.txt, tile-major weights): 1-64 tokens for all three blocks. Session 12
+# (run 40, tile-major weights): Mixtral and Qwen3 at 256-4096 tokens re-swept; new winners only at 256 tokens
+# (Mixtral down, Qwen3 both GEMMs); the others won again (Qwen3 4096 down tied a joined tile, 379.8 vs 379.5 us).
+# Session 9 (runs 32-33, row-major weights): DeepSeek 4096. DeepSeek at 256/1024 tokens are session 5's (run 21),
+# 16-32-row tiles of the kind the decode sweeps pick.
 TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
     ('NVIDIA H100 80GB HBM3', 8, 28672, 4096, 4): {  # Mixtral-8x7B gate/up
         1: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
@@ -50,7 +51,7 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
         1: _c(16, 128, 128, sk=8, s=3, swap=True, int_mma=True, sub=True),
         16: _c(16, 128, 128, sk=2, s=3, swap=True, int_mma=True, sub=True),
         64: _c(16, 128, 128, sk=8, s=3, swap=True, int_mma=True, sub=True),
-        256: _c(64, 128, 128, sk=2, swap=True),
+        256: _c(128, 128, 64, sk=2, swap=True),
         1024: _c(128, 128, 128, sk=2, s=3, swap=True),
         4096: _c(128, 128, 64, sk=2, w=8, s=3, join=True),
     },
@@ -58,7 +59,7 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
         1: _c(16, 128, 128, swap=True, int_mma=True),
         16: _c(16, 128, 128, s=3, swap=True, int_mma=True),
         64: _c(16, 128, 128, s=3, swap=True, int_mma=True),
-        256: _c(16, 128, 128, s=3, swap=True, int_mma=True),
+        256: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
         1024: _c(64, 256, 64, w=8, s=3, swap=True),
         4096: _c(64, 256, 64, w=8, s=3, swap=True),
     },
@@ -66,7 +67,7 @@ TUNED: dict[tuple[str, int, int, int, int], dict[int, GemmConfig]] = {
         1: _c(16, 64, 128, sk=2, s=3, swap=True, int_mma=True, regs=80),
         16: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
         64: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
-        256: _c(16, 128, 128, swap=True),
+        256: _c(16, 128, 128, s=3, swap=True, int_mma=True, sub=True),
         1024: _c(64, 128, 64, swap=True),
         4096: _c(128, 128, 128, s=3, swap=True),
     },
