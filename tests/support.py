@@ -55,15 +55,16 @@ def make_tiny_checkpoint(kind: str, out: Path) -> Path:
 ATTENTION_INT4_G32_ASYM = ["rules.0.bits=4", "rules.0.group_size=32", "rules.0.sym=false"]
 
 
-def quantize_demo_for_kernels(out: Path, overrides: list[str] = ATTENTION_INT4_G32_ASYM) -> Path:
-    """The embedded demo-mixtral quantized into out with the mixtral recipe and these overrides (the recipe
+def quantize_for_kernels(out: Path, overrides: list[str] = ATTENTION_INT4_G32_ASYM,
+                         model: Path = EXAMPLES / "demo-mixtral", recipe: str = "mixtral") -> Path:
+    """model (the embedded demo-mixtral) quantized into out with a recipe and these overrides (the mixtral recipe
     as shipped has attention int8 per channel); 8 x 64 calibration tokens, on the CPU. Returns out."""
     from moeq.inventory import inventory_from_checkpoint
     from moeq.plan import make_plan
     from moeq.quantize import QuantizeConfig, quantize_model
     from moeq.recipe import load_recipe
 
-    plan = make_plan(inventory_from_checkpoint(EXAMPLES / "demo-mixtral"), load_recipe("mixtral", overrides))
+    plan = make_plan(inventory_from_checkpoint(model), load_recipe(recipe, overrides))
     quantize_model(plan, QuantizeConfig(calib=EXAMPLES / "calib.txt", out=out, calib_samples=8, seq_len=64,
                                         device="cpu"), log=lambda *a: None)
     return out

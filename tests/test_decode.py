@@ -13,7 +13,7 @@ import moeq
 from moeq.decode import decode_step, greedy_generate
 from moeq.errors import GraphCaptureError
 
-from support import EXAMPLES, FIXTURES, quantize_demo_for_kernels
+from support import EXAMPLES, FIXTURES, quantize_for_kernels
 
 MODELS = ["tiny-mixtral", "tiny-qwen2-moe"]
 PROMPT_LEN, NEW_TOKENS = 16, 12
@@ -111,7 +111,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need
 @pytest.fixture(scope="module")
 def quantized_demo(tmp_path_factory):
     """demo-mixtral with int4 attention and experts: every layer runs on KernelExperts / KernelLinear on CUDA."""
-    return quantize_demo_for_kernels(tmp_path_factory.mktemp("decode") / "q")
+    return quantize_for_kernels(tmp_path_factory.mktemp("decode") / "q")
 
 
 @gpu

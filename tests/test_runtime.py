@@ -12,7 +12,7 @@ from moeq.calibration import evaluation_windows, read_token_stream
 from moeq.evaluate import model_perplexity
 from moeq.runtime import KernelExperts, KernelLinear
 
-from support import ATTENTION_INT4_G32_ASYM, EXAMPLES, quantize_demo_for_kernels
+from support import ATTENTION_INT4_G32_ASYM, EXAMPLES, FIXTURES, quantize_for_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs CPU tensors only in its interpreter
 
@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs CPU tenso
 def checkpoint(request, tmp_path_factory):
     """The demo quantized with both int4 formats, or with the mixtral recipe as shipped (attention int8 per
     channel: group_size -1 in the checkpoint)."""
-    return quantize_demo_for_kernels(tmp_path_factory.mktemp("rt") / "q", request.param)
+    return quantize_for_kernels(tmp_path_factory.mktemp("rt") / "q", request.param)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,21 @@ def test_kernel_modules_match_the_reference(models):
             a = layer_ref.mlp.experts(x, ids, weights).float()
             b = layer_ker.mlp.experts(x, ids, weights).float()
             torch.testing.assert_close(b, a, rtol=0, atol=2e-2 * a.abs().max().item())
+
+
+def test_shared_expert_and_per_channel_int8_run_on_the_kernels(tmp_path):
+    """tiny-qwen2-moe with the qwen2_moe recipe as shipped: attention and the shared expert int8 per channel."""
+    out = quantize_for_kernels(tmp_path / "q", [], FIXTURES / "tiny-qwen2-moe", "qwen2_moe")
+    reference = moeq.load(out, DEVICE, dtype=torch.float16, kernels=False).model.layers[0].mlp
+    kernels = moeq.load(out, DEVICE, dtype=torch.float16, kernels=True).model.layers[0].mlp
+    assert isinstance(kernels.experts, KernelExperts)
+    shared = (getattr(kernels.shared_expert, p) for p in ("gate_proj", "up_proj", "down_proj"))
+    assert all(isinstance(module, KernelLinear) for module in shared)
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, kernels.experts.w13.k, dtype=torch.float16).to(DEVICE)  # [B, T, H]
+    with torch.no_grad():
+        a, b = reference(x).float(), kernels(x).float()
+    torch.testing.assert_close(b, a, rtol=0, atol=2e-2 * a.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels need a GPU")
