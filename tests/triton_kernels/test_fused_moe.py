@@ -8,7 +8,7 @@ also rounds the gate/up and down GEMM outputs to the activation dtype).
 
 import pytest
 import torch
-from _quant import random_quantized, random_routing, rel_error
+from _quant import random_quantized, random_routing, rel_error, tile_id
 
 from triton_kernels import configs as configs_module
 from triton_kernels.configs import DEQUANT_MIN_ROWS_PER_EXPERT, GemmConfig
@@ -76,6 +76,28 @@ def test_matches_twin(T, H, I, E, k, bits, group_size, sym, dtype, device):
 def test_configs_and_split_k(configs, bits, group_size, device):
     x = make_block(9, 192, 96, 8, 2, bits, group_size, False, torch.bfloat16, device, seed=3)
     check(*x, configs=configs)
+
+
+def _tuned_moe_pairs():
+    """Each distinct (gate/up, down) config pair of TUNED's MoE blocks, with its bits: the pairs fused_moe runs."""
+    pairs = set()
+    for (device_name, E, N, K, bits), table in configs_module.TUNED.items():
+        down = configs_module.TUNED.get((device_name, E, K, N // 2, bits))
+        if E > 1 and down is not None:
+            pairs.update((bits, table[b], down[b]) for b in table.keys() & down.keys())
+    return sorted(pairs, key=str)
+
+
+TUNED_MOE_PAIRS = _tuned_moe_pairs()
+
+
+@pytest.mark.parametrize("bits,gate_up,down", TUNED_MOE_PAIRS,
+                         ids=[f"int{b}-{tile_id(g)}-{tile_id(d)}" for b, g, d in TUNED_MOE_PAIRS])
+def test_tuned_configs_match_twin(bits, gate_up, down, device):
+    # a small block through each tuned pair as it is (K = 256 and 512: 2 and 4 K tiles of 128, so split 8 leaves
+    # programs without a K tile), groups of 128 as benchmarked; the GPU run compiles each config for real
+    x = make_block(40, 256, 512, 8, 2, bits, 128, True, torch.bfloat16, device, seed=5)
+    check(*x, configs=(gate_up, down), path="kernel")
 
 
 @pytest.mark.parametrize("group_size", [64, 128, PER_CHANNEL])

@@ -3,9 +3,9 @@ error below 1e-2 for bfloat16, 2e-3 for float16), on both paths (Triton GEMM, de
 
 import pytest
 import torch
-from _quant import random_quantized, rel_error
+from _quant import random_quantized, rel_error, tile_id
 
-from triton_kernels.configs import DEQUANT_MIN_ROWS, GemmConfig
+from triton_kernels.configs import DEQUANT_MIN_ROWS, TUNED, GemmConfig
 from triton_kernels.fused_moe import device_info
 from triton_kernels.packing import pack_experts, pack_linear
 from triton_kernels.quant_linear import quant_linear, quant_linear_torch
@@ -38,6 +38,22 @@ def test_matches_twin(lead, N, K, bits, group_size, sym, dtype, bias, config, de
     ref = quant_linear_torch(x, w, b)
     assert y.dtype == dtype and y.shape == (*lead, N)
     assert rel_error(y, ref) < TOL[dtype]
+
+
+# each distinct config of TUNED's dense layers, with its bits: the configs quant_linear runs
+TUNED_DENSE = sorted({(bits, cfg) for (_, E, _, _, bits), table in TUNED.items() if E == 1 for cfg in table.values()},
+                     key=str)
+
+
+@pytest.mark.parametrize("bits,config", TUNED_DENSE, ids=[f"int{b}-{tile_id(c)}" for b, c in TUNED_DENSE])
+def test_tuned_configs_match_twin(bits, config, device):
+    # 40 rows of a 256 x 512 layer (4 K tiles of 128, so split 8 leaves programs without one), groups of 128
+    g = torch.Generator().manual_seed(bits)
+    q, s, z = random_quantized(1, 256, 512, bits, 128, True, device, g)
+    w = pack_linear(q[0], s[0], z[0], bits, 128)
+    x = torch.randn(40, 512, generator=g).to(device, torch.bfloat16)
+    y = quant_linear(x, w, config=config, path="kernel")
+    assert torch.isfinite(y).all() and rel_error(y, quant_linear_torch(x, w)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize(
