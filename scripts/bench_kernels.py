@@ -35,7 +35,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triton_kernels import _qgemm  # noqa: E402
-from triton_kernels.configs import TUNED, GemmConfig, dequant_chunk_experts, get_config  # noqa: E402
+from triton_kernels.configs import TUNED, GemmConfig, config_text, dequant_chunk_experts, get_config  # noqa: E402
 from triton_kernels.dequant import dequantize_packed  # noqa: E402
 from triton_kernels.fused_moe import device_info, fused_moe, fused_moe_torch  # noqa: E402
 from triton_kernels.moe_routing import max_blocks, moe_align_block_size  # noqa: E402
@@ -182,7 +182,7 @@ def run_shape(name, tokens, bits_list, paths, gen, baseline_cache, best):
                 if path == "kernel":
                     c13, c2 = configs or (get_config(dev_name, E, 2 * I, H, bits, T, k, sms, splittable=False),
                                           get_config(dev_name, E, H, I, bits, T, k, sms))
-                    how = f"{cfg_str(c13)} / {cfg_str(c2)}"
+                    how = f"{config_text(c13)} / {config_text(c2)}"
                 else:
                     how = f"{ranges} expert range(s), of which dequantizing {t_dq:.1f} us"
                 out(f"| {name} | int{bits} | {T} | {hit} | {path} | {t_graph:.1f} | {t_eager:.1f} | {t_bf16:.1f} | "
@@ -190,13 +190,6 @@ def run_shape(name, tokens, bits_list, paths, gen, baseline_cache, best):
                     f"{t_bf16 / t:.2f} | {err:.1e} | {how} |")
         del w13, w2
         torch.cuda.empty_cache()
-
-
-def cfg_str(c):
-    mode = (" swap" if c.swap_ab else "") + (" int" if c.int_mma else "") + (f" r{c.max_regs}" if c.max_regs else "") \
-        + (f" u{c.k_unroll}" if c.k_unroll > 1 else "") + (" sub" if c.sub_zero else "") \
-        + (" join" if c.join_slices else "")
-    return f"{c.block_m}x{c.block_n}x{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}{mode}"
 
 
 def sweep_candidates(rows, gemm):
@@ -265,12 +258,12 @@ def time_candidates(label, candidates, run):
         try:
             res.append((bench(run(cfg), rep=30), cfg))
         except Exception as exc:
-            out(f"  sweep {label} {cfg_str(cfg)}: {type(exc).__name__}: {str(exc)[:100]}")
+            out(f"  sweep {label} {config_text(cfg)}: {type(exc).__name__}: {str(exc)[:100]}")
     return sorted(res, key=lambda t: t[0])
 
 
 def fastest(res, n=3):
-    return ", ".join(f"{cfg_str(c)} {t:.1f}us" for t, c in res[:n])
+    return ", ".join(f"{config_text(c)} {t:.1f}us" for t, c in res[:n])
 
 
 def run_sweep(name, tokens, bits, gen, best):
@@ -304,7 +297,7 @@ def run_sweep(name, tokens, bits, gen, best):
             res = time_candidates(f"{name} T={T} {gemm}", sweep_candidates(rows, gemm), run)
             best.setdefault((name, T, bits), {})[gemm] = res[0][1]
             with open(ALL_PATH, "a") as f:
-                f.writelines(f"{name} int{bits} T={T} rows={rows:.1f} {gemm} {cfg_str(cfg)} g{cfg.group_m} "
+                f.writelines(f"{name} int{bits} T={T} rows={rows:.1f} {gemm} {config_text(cfg)} g{cfg.group_m} "
                              f"{t:.2f}us floor={fl:.2f}\n" for t, cfg in res)
             out(f"| sweep | {name} | int{bits} | {T} | {gemm} | floor {fl:.1f}us | {fastest(res)} |")
     del w13, w2
@@ -361,7 +354,7 @@ def run_dense_sweep(bits, tokens, gen, best_dense):
                                   lambda cfg: lambda: quant_linear(x, w, config=cfg, path="kernel"))
             best_dense[(N, K, M, bits)] = res[0][1]
             with open(ALL_PATH, "a") as f:
-                f.writelines(f"dense int{bits} {N}x{K} M={M} {cfg_str(c)} {t:.2f}us\n" for t, c in res)
+                f.writelines(f"dense int{bits} {N}x{K} M={M} {config_text(c)} {t:.2f}us\n" for t, c in res)
             out(f"| sweep | dense {N}x{K} | int{bits} | {M} | | | {fastest(res)} |")
 
 

@@ -37,7 +37,7 @@ GROUP_SIZE = 128
 
 
 def parse_config(text: str) -> GemmConfig:
-    """GemmConfig from bench_kernels' cfg_str format."""
+    """GemmConfig from configs.config_text's format."""
     m = re.fullmatch(r"(\d+)x(\d+)x(\d+) s(\d+) w(\d+) st(\d+)((?: \w+)*)", text.strip())
     if not m:
         raise SystemExit(f"config {text!r}: expected e.g. '16x128x128 s1 w4 st3 swap int'")

@@ -1,5 +1,4 @@
-"""Random quantized weights in moeq's quantizer convention (never zeros), and other helpers shared by the kernel
-tests."""
+"""Random quantized weights in moeq's quantizer convention (never zeros), shared by the kernel tests."""
 
 import torch
 
@@ -34,8 +33,3 @@ def random_routing(T, E, k, device="cpu", generator=None):
 
 def rel_error(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
-
-
-def tile_id(cfg):
-    """A short test id of a GemmConfig: BLOCK_MxBLOCK_NxBLOCK_K, split-K and warps."""
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}s{cfg.split_k}w{cfg.num_warps}"

@@ -8,10 +8,10 @@ also rounds the gate/up and down GEMM outputs to the activation dtype).
 
 import pytest
 import torch
-from _quant import random_quantized, random_routing, rel_error, tile_id
+from _quant import random_quantized, random_routing, rel_error
 
 from triton_kernels import configs as configs_module
-from triton_kernels.configs import DEQUANT_MIN_ROWS_PER_EXPERT, GemmConfig
+from triton_kernels.configs import DEQUANT_MIN_ROWS_PER_EXPERT, GemmConfig, config_text
 from triton_kernels.fused_moe import _grouped_linear, _grouped_mm_runs, device_info, fused_moe, fused_moe_torch
 from triton_kernels.packing import pack_experts
 
@@ -92,7 +92,7 @@ TUNED_MOE_PAIRS = _tuned_moe_pairs()
 
 
 @pytest.mark.parametrize("bits,gate_up,down", TUNED_MOE_PAIRS,
-                         ids=[f"int{b}-{tile_id(g)}-{tile_id(d)}" for b, g, d in TUNED_MOE_PAIRS])
+                         ids=[f"int{b} {config_text(g)} / {config_text(d)}" for b, g, d in TUNED_MOE_PAIRS])
 def test_tuned_configs_match_twin(bits, gate_up, down, device):
     # a small block through each tuned pair as it is (K = 256 and 512: 2 and 4 K tiles of 128, so split 8 leaves
     # programs without a K tile), groups of 128 as benchmarked; the GPU run compiles each config for real

@@ -60,7 +60,8 @@ def test_tiles_are_contiguous_blocks_of_rows(bits):
     assert qw.shape == (2, 2, 4, TILE_N, TILE_K * bits // 8) and qw.is_contiguous()  # K padded to 512
     rb = TILE_K * bits // 8
     for i, j in ((0, 0), (1, 3), (0, 1)):
-        assert torch.equal(qw[:, i, j, : 200 - TILE_N * i], rows[:, TILE_N * i : TILE_N * (i + 1), rb * j : rb * (j + 1)])
+        tile_rows = rows[:, TILE_N * i : TILE_N * (i + 1), rb * j : rb * (j + 1)]
+        assert torch.equal(qw[:, i, j, : 200 - TILE_N * i], tile_rows)
     assert torch.all(qw[:, 1, :, 200 - TILE_N :] == 0)
 
 

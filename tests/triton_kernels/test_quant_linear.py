@@ -3,9 +3,9 @@ error below 1e-2 for bfloat16, 2e-3 for float16), on both paths (Triton GEMM, de
 
 import pytest
 import torch
-from _quant import random_quantized, rel_error, tile_id
+from _quant import random_quantized, rel_error
 
-from triton_kernels.configs import DEQUANT_MIN_ROWS, TUNED, GemmConfig
+from triton_kernels.configs import DEQUANT_MIN_ROWS, TUNED, GemmConfig, config_text
 from triton_kernels.fused_moe import device_info
 from triton_kernels.packing import pack_experts, pack_linear
 from triton_kernels.quant_linear import quant_linear, quant_linear_torch
@@ -45,7 +45,7 @@ TUNED_DENSE = sorted({(bits, cfg) for (_, E, _, _, bits), table in TUNED.items()
                      key=str)
 
 
-@pytest.mark.parametrize("bits,config", TUNED_DENSE, ids=[f"int{b}-{tile_id(c)}" for b, c in TUNED_DENSE])
+@pytest.mark.parametrize("bits,config", TUNED_DENSE, ids=[f"int{b} {config_text(c)}" for b, c in TUNED_DENSE])
 def test_tuned_configs_match_twin(bits, config, device):
     # 40 rows of a 256 x 512 layer (4 K tiles of 128, so split 8 leaves programs without one), groups of 128
     g = torch.Generator().manual_seed(bits)
