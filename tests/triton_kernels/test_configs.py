@@ -5,6 +5,8 @@ from triton_kernels.configs import (
     DEQUANT_MIN_ROWS,
     DEQUANT_MIN_ROWS_PER_EXPERT,
     TUNED,
+    GemmConfig,
+    config_text,
     default_config,
     dequant_chunk_experts,
     get_config,
@@ -75,3 +77,10 @@ def test_use_dequant():
 def test_dequant_chunk_experts(monkeypatch):
     monkeypatch.setattr(configs, "DEQUANT_SCRATCH_BYTES", 1000)
     assert dequant_chunk_experts(300) == 3 and dequant_chunk_experts(1000) == 1 and dequant_chunk_experts(2000) == 1
+
+
+def test_config_text_names_every_field_that_differs_from_the_plain_tile():
+    assert config_text(GemmConfig(64, 128, 64)) == "64x128x64 s1 w4 st4"
+    cfg = GemmConfig(16, 128, 128, split_k=8, num_stages=3, swap_ab=True, int_mma=True, max_regs=128, k_unroll=2,
+                     sub_zero=True, join_slices=True)
+    assert config_text(cfg) == "16x128x128 s8 w4 st3 swap int r128 u2 sub join"
