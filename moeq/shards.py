@@ -30,7 +30,8 @@ class WeightSlot:
         return self.param.rsplit(".", 1)[0]
 
     def get(self, layer: torch.nn.Module) -> torch.Tensor:
-        value = layer.get_parameter(self.param) if "." in self.param else getattr(layer, self.param)
+        module, _, name = self.param.rpartition(".")
+        value = getattr(layer.get_submodule(module), name)  # a parameter or a buffer (DeepSeek-V3's score bias)
         if self.expert is not None:
             value = value[self.expert]
         if self.rows is not None:

@@ -22,6 +22,18 @@ def test_layer_state_equals_what_transformers_loads(kind, tiny_checkpoints):
             assert torch.equal(value, expected[name].to(value.dtype)), name
 
 
+@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+def test_weight_slots_address_every_layer_tensor(kind, tiny_checkpoints):
+    """Parameters and buffers alike: DeepSeek-V3's e_score_correction_bias is a buffer in transformers 5."""
+    inventory = inventory_from_checkpoint(tiny_checkpoints[kind])
+    reader = ShardReader(inventory)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[kind], dtype=torch.bfloat16)
+    for i in range(inventory.num_layers):
+        for tensor in inventory.layer_tensors(i):
+            stored = reader.read(tensor)
+            assert torch.equal(weight_slot(tensor, inventory).get(model.model.layers[i]).to(stored.dtype), stored)
+
+
 def test_weight_slots_address_fused_experts():
     inventory = inventory_from_checkpoint(FIXTURES / "demo-mixtral")
     reader = ShardReader(inventory)
