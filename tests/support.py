@@ -3,6 +3,7 @@ folder's conftest.py is the module `conftest`, so `from conftest import` finds w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -37,16 +38,24 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_checkpoint(kind: str, out: Path) -> Path:
-    """Save a randomly initialised model of `kind` with transformers (upstream per-expert naming on disk)."""
+def make_tiny_checkpoint(kind: str, out: Path, tokenizer_of: Path | None = None) -> Path:
+    """Save a randomly initialised model of `kind` with transformers (upstream per-expert naming on disk);
+    with tokenizer_of (a model folder), its tokenizer and vocabulary size, so that text can calibrate it."""
+    import shutil
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(TINY_CONFIGS[kind])
+    if tokenizer_of is not None:
+        fields["vocab_size"] = json.loads((tokenizer_of / "config.json").read_text())["vocab_size"]
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(out)
+    if tokenizer_of is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_of / name, out / name)
     return out
 
 

@@ -5,6 +5,7 @@ perplexity within 0.2%."""
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer
 
 import moeq
@@ -12,7 +13,7 @@ from moeq.calibration import evaluation_windows, read_token_stream
 from moeq.evaluate import model_perplexity
 from moeq.runtime import KernelExperts, KernelLinear
 
-from support import ATTENTION_INT4_G32_ASYM, EXAMPLES, FIXTURES, quantize_for_kernels
+from support import ATTENTION_INT4_G32_ASYM, EXAMPLES, FIXTURES, TINY_CONFIGS, quantize_for_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs CPU tensors only in its interpreter
 
@@ -69,6 +70,25 @@ def test_shared_expert_and_per_channel_int8_run_on_the_kernels(tmp_path):
     with torch.no_grad():
         a, b = reference(x).float(), kernels(x).float()
     torch.testing.assert_close(b, a, rtol=0, atol=2e-2 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+def test_every_family_runs_on_the_kernels(kind, tiny_quantized):
+    """Every family's checkpoint (its recipe as shipped): each module stored quantized runs on the kernels, and the
+    whole model's logits match the reference load."""
+    _, out = tiny_quantized(kind)
+    reference = moeq.load(out, DEVICE, dtype=torch.float16, kernels=False)
+    kernels = moeq.load(out, DEVICE, dtype=torch.float16, kernels=True)
+    modules = dict(kernels.named_modules())
+    stored = {key for shard in out.glob("*.safetensors") for key in safe_open(shard, "pt").keys()}
+    linear = {key.removesuffix(".qweight") for key in stored if key.endswith(".qweight") and ".experts." not in key}
+    assert linear and all(isinstance(modules[name], KernelLinear) for name in linear)
+    experts = [m for name, m in modules.items() if name.endswith("mlp.experts")]
+    assert experts and all(isinstance(m, KernelExperts) for m in experts)
+    ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        a, b = reference(ids).logits.float(), kernels(ids).logits.float()
+    assert ((b - a).norm() / a.norm()).item() < 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels need a GPU")
