@@ -25,7 +25,7 @@ class KernelExperts(torch.nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         from triton_kernels.fused_moe import fused_moe
 
-        return fused_moe(hidden_states, self.w13, self.w2, top_k_index, top_k_weights.to(torch.float32))
+        return fused_moe(hidden_states, self.w13, self.w2, top_k_index, top_k_weights)  # cast to fp32 in-kernel
 
 
 class KernelLinear(torch.nn.Module):
