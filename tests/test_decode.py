@@ -5,6 +5,8 @@ On the CPU, moeq.load gives the dequantized reference path: the fixtures' plain 
 is exercised by the GPU tests at the end.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoTokenizer, StaticCache
@@ -13,7 +15,7 @@ import moeq
 from moeq.decode import decode_step, greedy_generate
 from moeq.errors import GraphCaptureError
 
-from support import EXAMPLES, FIXTURES, quantize_for_kernels
+from support import EXAMPLES, FIXTURES, TINY_CONFIGS, quantize_for_kernels
 
 MODELS = ["tiny-mixtral", "tiny-qwen2-moe"]
 PROMPT_LEN, NEW_TOKENS = 16, 12
@@ -33,10 +35,10 @@ def _forbid_host_syncs(monkeypatch):
         monkeypatch.setattr(owner, name, raise_sync)
 
 
-def _prompts(name: str, batch: int) -> torch.Tensor:
+def _prompts(model_dir: Path, batch: int) -> torch.Tensor:
     """[batch, PROMPT_LEN] windows of the eval text, 100 tokens apart; no pad (0) token, so generate()
     infers an all-ones attention mask."""
-    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stream = tokenizer((EXAMPLES / "eval.txt").read_text()[:4000])["input_ids"]
     ids = torch.tensor([stream[100 * b:100 * b + PROMPT_LEN] for b in range(batch)])
     assert (ids != 0).all()
@@ -51,7 +53,7 @@ def named_model(request):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_matches_generate(named_model, batch):
     name, model = named_model
-    ids = _prompts(name, batch)
+    ids = _prompts(FIXTURES / name, batch)
     ours = greedy_generate(model, ids, NEW_TOKENS, cuda_graph=False)
     with torch.no_grad():
         reference = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
@@ -62,7 +64,7 @@ def test_matches_generate(named_model, batch):
 
 def test_one_new_token_is_the_prefill_argmax(named_model):
     name, model = named_model
-    ids = _prompts(name, 2)
+    ids = _prompts(FIXTURES / name, 2)
     with torch.no_grad():
         expected = model(input_ids=ids).logits[:, -1].argmax(-1)
     out = greedy_generate(model, ids, 1, cuda_graph=False)
@@ -80,9 +82,7 @@ def _prefilled(model, ids, new_tokens):
     return cache, token, torch.full_like(token, ids.shape[1])
 
 
-def test_decode_step_never_syncs_with_the_host(named_model, monkeypatch):
-    name, model = named_model
-    ids = _prompts(name, 2)
+def _assert_decode_steps_never_sync(model, ids, monkeypatch):
     expected = greedy_generate(model, ids, 4, cuda_graph=False)[:, PROMPT_LEN + 1:]  # [2, 3]
     cache, token, position = _prefilled(model, ids, 4)
     steps = []
@@ -96,10 +96,29 @@ def test_decode_step_never_syncs_with_the_host(named_model, monkeypatch):
     assert torch.equal(torch.stack(steps, dim=1), expected)
 
 
+def test_decode_step_never_syncs_with_the_host(named_model, monkeypatch):
+    name, model = named_model
+    _assert_decode_steps_never_sync(model, _prompts(FIXTURES / name, 2), monkeypatch)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+def test_every_family_decodes_like_generate_without_host_syncs(kind, tiny_quantized, monkeypatch):
+    """Each family's quantized checkpoint: a host sync in its modules would break the decode step's CUDA-graph
+    capture on a GPU."""
+    _, out = tiny_quantized(kind)
+    model = moeq.load(out)
+    ids = _prompts(out, 2)
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                   pad_token_id=0)
+    assert torch.equal(greedy_generate(model, ids, NEW_TOKENS, cuda_graph=False), reference)
+    _assert_decode_steps_never_sync(model, ids, monkeypatch)
+
+
 def test_sync_detector_catches_the_eager_expert_loop(monkeypatch):
     model = moeq.load(FIXTURES / "demo-mixtral")
     model.set_experts_implementation("eager")  # transformers' per-expert loop: nonzero() on the routing
-    cache, token, position = _prefilled(model, _prompts("demo-mixtral", 1), 2)
+    cache, token, position = _prefilled(model, _prompts(FIXTURES / "demo-mixtral", 1), 2)
     _forbid_host_syncs(monkeypatch)
     with torch.no_grad(), pytest.raises(HostSync, match="nonzero"):
         decode_step(model, cache, token, position)
@@ -121,7 +140,7 @@ def test_graph_replays_give_the_eager_tokens_gpu(quantized_demo, batch):
 
     model = moeq.load(quantized_demo, "cuda")
     assert all(isinstance(layer.mlp.experts, KernelExperts) for layer in model.model.layers)
-    ids = _prompts("demo-mixtral", 1).repeat(batch, 1).cuda()
+    ids = _prompts(FIXTURES / "demo-mixtral", 1).repeat(batch, 1).cuda()
     graph = greedy_generate(model, ids, 32)
     assert torch.equal(graph, greedy_generate(model, ids, 32, cuda_graph=False))
 
@@ -130,7 +149,7 @@ def test_graph_replays_give_the_eager_tokens_gpu(quantized_demo, batch):
 @pytest.mark.parametrize("name", MODELS)
 def test_graph_replays_give_the_eager_tokens_bf16_gpu(name):
     model = moeq.load(FIXTURES / name, "cuda", kernels=False)  # transformers' grouped_mm experts
-    ids = _prompts(name, 2).cuda()
+    ids = _prompts(FIXTURES / name, 2).cuda()
     assert torch.equal(greedy_generate(model, ids, 32), greedy_generate(model, ids, 32, cuda_graph=False))
 
 
@@ -139,4 +158,4 @@ def test_capture_failure_names_the_cause_gpu():
     model = moeq.load(FIXTURES / "demo-mixtral", "cuda", kernels=False)
     model.set_experts_implementation("eager")
     with pytest.raises(GraphCaptureError, match="capturing the decode step"):
-        greedy_generate(model, _prompts("demo-mixtral", 1).cuda(), 4)
+        greedy_generate(model, _prompts(FIXTURES / "demo-mixtral", 1).cuda(), 4)
