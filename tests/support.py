@@ -4,6 +4,7 @@ folder's conftest.py is the module `conftest`, so `from conftest import` finds w
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -41,8 +42,6 @@ TINY_CONFIGS = {
 def make_tiny_checkpoint(kind: str, out: Path, tokenizer_of: Path | None = None) -> Path:
     """Save a randomly initialised model of `kind` with transformers (upstream per-expert naming on disk);
     with tokenizer_of (a model folder), its tokenizer and vocabulary size, so that text can calibrate it."""
-    import shutil
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
