@@ -19,7 +19,8 @@ def _routing(T, top_k=2, seed=0, skip_expert=3):
 
 def _naive(batches):
     """Per-pair Python reference in float64: (H_sum [E, K, K], counts [E], weight_sums [E])."""
-    h, n, ws = torch.zeros(E, K, K, dtype=torch.float64), torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.float64)
+    h, ws = torch.zeros(E, K, K, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
+    n = torch.zeros(E, dtype=torch.long)
     for x, tokens, experts, gates in batches:
         for p in range(tokens.numel()):
             t, e = int(tokens[p]), int(experts[p])
