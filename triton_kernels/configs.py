@@ -28,7 +28,6 @@ class GemmConfig:
     join_slices: bool = False  # dequantized int4: one MMA per K tile, its four slices joined (see _qgemm)
 
 
-
 def config_text(c: GemmConfig) -> str:
     """A config as the benchmarks print it (and scripts/sass_report.py parses it), e.g.
     "16x128x128 s8 w4 st3 swap int sub": BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages, then the options."""
@@ -36,6 +35,7 @@ def config_text(c: GemmConfig) -> str:
         + (f" u{c.k_unroll}" if c.k_unroll > 1 else "") + (" sub" if c.sub_zero else "") \
         + (" join" if c.join_slices else "")
     return f"{c.block_m}x{c.block_n}x{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}{mode}"
+
 
 def _c(bm, bn, bk, sk=1, gm=8, w=4, s=4, swap=False, int_mma=False, regs=None, unroll=1, sub=False, join=False):
     return GemmConfig(bm, bn, bk, sk, gm, w, s, swap, int_mma, regs, unroll, sub, join)
