@@ -15,9 +15,8 @@ from moeq.plan import make_plan
 from moeq.quantize import CALIBRATION, EVALUATION, READING, SETUP, WRITING, QuantizeConfig, quantize_model
 from moeq.recipe import load_recipe
 
-from support import TINY_CONFIGS
+from support import EXAMPLES, TINY_CONFIGS
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEMO = EXAMPLES / "demo-mixtral"
 
 

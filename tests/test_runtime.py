@@ -5,12 +5,12 @@ perplexity within 0.2%."""
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoTokenizer
 
 import moeq
 from moeq.calibration import evaluation_windows, read_token_stream
 from moeq.evaluate import model_perplexity
+from moeq.loader import StoredCheckpoint
 from moeq.runtime import KernelExperts, KernelLinear
 
 from support import ATTENTION_INT4_G32_ASYM, EXAMPLES, FIXTURES, TINY_CONFIGS, quantize_for_kernels
@@ -80,8 +80,8 @@ def test_every_family_runs_on_the_kernels(kind, tiny_quantized):
     reference = moeq.load(out, DEVICE, dtype=torch.float16, kernels=False)
     kernels = moeq.load(out, DEVICE, dtype=torch.float16, kernels=True)
     modules = dict(kernels.named_modules())
-    stored = {key for shard in out.glob("*.safetensors") for key in safe_open(shard, "pt").keys()}
-    linear = {key.removesuffix(".qweight") for key in stored if key.endswith(".qweight") and ".experts." not in key}
+    stored = StoredCheckpoint(out)
+    linear = {t.module for t in stored.inventory.tensors if stored.schemes[t.name] and t.role != "expert"}
     assert linear and all(isinstance(modules[name], KernelLinear) for name in linear)
     experts = [m for name, m in modules.items() if name.endswith("mlp.experts")]
     assert experts and all(isinstance(m, KernelExperts) for m in experts)

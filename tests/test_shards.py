@@ -31,7 +31,8 @@ def test_weight_slots_address_every_layer_tensor(kind, tiny_checkpoints):
     for i in range(inventory.num_layers):
         for tensor in inventory.layer_tensors(i):
             stored = reader.read(tensor)
-            assert torch.equal(weight_slot(tensor, inventory).get(model.model.layers[i]).to(stored.dtype), stored)
+            value = weight_slot(tensor, inventory).get(model.model.layers[i])
+            assert torch.equal(value.to(stored.dtype), stored), tensor.name
 
 
 def test_weight_slots_address_fused_experts():
